@@ -1,0 +1,1 @@
+"""Internal: the executor core (manager thread, worker loop, wire protocol)."""

@@ -1,0 +1,168 @@
+"""The worker process loop (child side only).
+
+A worker leads its own process group, runs the initializer, says
+:class:`~resilpool._core.protocol.WorkerReady`, then runs the task frames its
+task pipe delivers, strictly in order, answering each with one result frame.
+
+Threads in the worker:
+
+- main thread: reads frames, runs tasks, writes results; owns the slot.
+- watchdog: blocks on the lifeline pipe; when the parent dies the pipe reaches
+  EOF and the watchdog SIGKILLs the worker's whole process group, so neither
+  the worker nor anything its task started outlives the parent.
+
+Slot protocol (see ``protocol``): before a task's body is unpickled the worker
+writes ``started += 1``, then the start time, then the task id; after the result
+is sent it writes task id 0.  Readers take ``started`` as the acknowledgement.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import protocol as P
+
+__all__ = ["call_chunk", "main"]
+
+_READ_SIZE = 1 << 18
+
+
+def call_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Run ``fn`` over a chunk of argument tuples (``map`` with ``chunksize > 1``)."""
+    return [fn(*args) for args in chunk]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _watch_parent(lifeline_fd: int) -> None:
+    # The parent never writes to the lifeline; readable means EOF: the parent is gone.
+    while True:
+        try:
+            ready, _, _ = select.select([lifeline_fd], [], [])
+        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
+            continue
+        if ready:
+            break
+    try:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    finally:
+        os._exit(70)
+
+
+def _describe_task_error(exc: BaseException, task_id: int, what: str) -> BaseException:
+    from ..errors import SerializationError
+
+    hint = ""
+    if isinstance(exc, AttributeError) and "__main__" in str(exc):
+        hint = (
+            "; functions defined in __main__ or a notebook cannot be found by a worker that was not"
+            " forked: define it in an importable module, or use mp_context='fork'"
+        )
+    err = SerializationError(f"{what} of task {task_id} could not be {'unpickled in the worker' if what == 'the task' else 'pickled'}: {type(exc).__name__}: {exc}{hint}", part="function/arguments" if what == "the task" else "result", task_id=task_id)
+    err.__cause__ = exc
+    return err
+
+
+def main(
+    task_conn: Connection,
+    result_conn: Connection,
+    lifeline_conn: Connection,
+    slots: Any,
+    slot_index: int,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    close_fds: tuple[int, ...] = (),
+) -> None:
+    """Entry point of a worker process."""
+    for fd in close_fds:  # fork start method: the parent's ends we must not hold
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        os.setpgid(0, 0)  # lead our own group: a kill takes the task's subprocesses too
+    except OSError:
+        pass
+    base = slot_index * P.SLOT_FIELDS
+    slots[base + P.SLOT_TASK] = 0
+    slots[base + P.SLOT_PID] = os.getpid()
+    threading.Thread(
+        target=_watch_parent, args=(lifeline_conn.fileno(),), name="resilpool-watchdog", daemon=True
+    ).start()
+
+    out_fd = result_conn.fileno()
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except BaseException as exc:
+            _write_all(out_fd, P.encode(P.InitializerFailed(body=P.error_payload(exc, "initializer failed:"))))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
+    _write_all(out_fd, P.encode(P.WorkerReady()))
+    _serve(task_conn.fileno(), out_fd, slots, base)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: skip atexit handlers and finalizers of user modules that could hang a retiring worker.
+    os._exit(0)
+
+
+def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
+    reader = P.FrameReader()
+    started = 0
+    monotonic_ns = time.monotonic_ns
+    perf = time.perf_counter
+    loads = pickle.loads
+    dumps = pickle.dumps
+    HIGHEST = pickle.HIGHEST_PROTOCOL
+    i_task = base + P.SLOT_TASK
+    i_start = base + P.SLOT_START_NS
+    i_started = base + P.SLOT_STARTED
+    while True:
+        data = os.read(in_fd, _READ_SIZE)
+        if not data:
+            return  # parent closed the pipe
+        for msg in reader.feed(data):
+            if type(msg) is not P.RunTask:
+                if type(msg) is P.Retire:
+                    return
+                continue
+            task_id = msg.task_id
+            # The acknowledgement: from here on the parent counts this task as started.
+            started += 1
+            slots[i_started] = started
+            slots[i_start] = monotonic_ns()
+            slots[i_task] = task_id
+            t0 = perf()
+            try:
+                try:
+                    fn, args, kwargs = loads(msg.body)
+                except BaseException as exc:
+                    raise _describe_task_error(exc, task_id, "the task") from exc
+                value = fn(*args, **kwargs)
+            except BaseException as exc:
+                frame = P.encode(P.TaskFailed(task_id=task_id, elapsed_s=perf() - t0, body=P.error_payload(exc)))
+            else:
+                elapsed = perf() - t0
+                try:
+                    frame = P.encode(P.TaskSucceeded(task_id=task_id, elapsed_s=elapsed, body=dumps(value, HIGHEST)))
+                except BaseException as exc:
+                    err = _describe_task_error(exc, task_id, "the result")
+                    frame = P.encode(P.TaskFailed(task_id=task_id, elapsed_s=elapsed, body=P.error_payload(err)))
+                del value
+            _write_all(out_fd, frame)
+            slots[i_task] = 0
