@@ -13,15 +13,22 @@ attempts, on any failure (worker death, limit kill, timeout, exception).
 
 from __future__ import annotations
 
+import logging
+import math
 import time
-from typing import Any, TypeAlias, final
+from typing import Any, Final, TypeAlias, final
 
 import tenacity
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_none
 
 __all__ = ["RetryPolicy", "RetrySpec"]
 
+log = logging.getLogger("resilpool")
 
+#: Longest backoff the pool schedules, in seconds (a week).  Longer waits (and ``inf``,
+#: e.g. from ``wait_exponential()`` without ``max`` after many attempts) are clamped:
+#: the manager's ``select()`` cannot wait more than ~24.8 days (2**31 ms) at once.
+MAX_DELAY_S: Final = 7 * 24 * 3600.0
 
 def _no_sleep(seconds: float) -> None:  # pragma: no cover - never called: we never loop in Retrying
     raise AssertionError("resilpool schedules retries itself")
@@ -53,13 +60,23 @@ class RetryPolicy:
         self.wait = wait_none() if wait is None else wait
         self.retry = retry_if_exception_type(Exception) if retry is None else retry
         for name in ("stop", "wait", "retry"):
-            if not callable(getattr(self, name)):
-                raise TypeError(f"RetryPolicy.{name} must be a tenacity strategy (callable), got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, type):  # stop=stop_after_attempt: a class is callable, and silently wrong
+                raise TypeError(
+                    f"RetryPolicy.{name} must be a tenacity strategy object, not the class {value.__qualname__};"
+                    f" call it, e.g. stop_after_attempt(3)"
+                )
+            if not callable(value):
+                raise TypeError(f"RetryPolicy.{name} must be a tenacity strategy (callable), got {value!r}")
         self._retrying = Retrying(stop=self.stop, wait=self.wait, retry=self.retry, reraise=True, sleep=_no_sleep)
 
     @classmethod
     def attempts(cls, retries: int) -> RetryPolicy:
         """``retries`` retries after the first attempt, on any failure, without backoff."""
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be an int >= 0, got {retries!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
         return cls(stop=stop_after_attempt(retries + 1))
 
     @staticmethod
@@ -87,6 +104,11 @@ class RetryPolicy:
 
         Must be called from one thread per policy object at a time (tenacity keeps its
         iteration state thread-local); the pool calls it from its manager thread only.
+
+        Never raises for a faulty strategy (a user's predicate or wait that raises): the
+        task is not retried, ``error`` gets a note saying why, and the fault is logged.
+        That keeps user code from breaking the manager thread that calls this.
+        A delay is clamped to ``[0, MAX_DELAY_S]``; NaN counts as 0.
         """
         fut = tenacity.Future(state.attempt_number)
         fut.set_exception(error)
@@ -100,11 +122,18 @@ class RetryPolicy:
         except BaseException as exc:
             if exc is error:  # tenacity re-raised the outcome: stop, or not retryable
                 return None
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            log.error("resilpool: retry policy %r raised; not retrying", self, exc_info=exc)
+            error.add_note(f"not retried: the retry policy raised {type(exc).__name__}: {exc}")
+            return None
         if not isinstance(action, tenacity.DoSleep):  # pragma: no cover - defensive
             return None
         state.prepare_for_next_attempt()
-        return max(0.0, float(action))
+        delay = float(action)
+        if math.isnan(delay):
+            return 0.0
+        return min(MAX_DELAY_S, max(0.0, delay))
 
     def __repr__(self) -> str:
         return f"RetryPolicy(stop={self.stop!r}, wait={self.wait!r}, retry={self.retry!r})"

@@ -375,6 +375,7 @@ class Core:
         self._breaker = CrashLoopBreaker(max_startup_failures, startup_window_s)
         self._last_startup_error: BaseException | None = None
         self._running_count = 0
+        self._respawn_at: float | None = None
 
         # Counters: written by the manager thread only.
         self.stats = Counter[str]()
@@ -559,6 +560,10 @@ class Core:
             deadlines.append(self._timers[0][0])
         if self._stopping_since is not None:
             deadlines.append(self._stopping_since + _STOP_GRACE_S)
+        if self._respawn_at is not None:
+            if self._respawn_at <= time.monotonic():
+                self._views_dirty = True  # makes the next _ensure_capacity look again
+            deadlines.append(self._respawn_at)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -580,11 +585,15 @@ class Core:
         return sum(1 for w in self._workers.values() if w.retiring is None and w.kill is None)
 
     def _ensure_capacity(self) -> None:
-        if self._broken is not None or self._draining:
-            return
-        while self._active_workers() < self.max_workers and self._free_slots:
-            if not self._spawn():
+        if self._broken is not None or self._draining or not self._views_dirty:
+            return  # worker changes always set _views_dirty: nothing changed, nothing to start
+        while self._active_workers() < self.max_workers:
+            if not self._free_slots or not self._spawn():
+                # Try again shortly (a retiring worker frees its slot; a failed start is counted
+                # by the breaker, which bounds how often this can happen).
+                self._respawn_at = time.monotonic() + 0.05
                 return
+        self._respawn_at = None
 
     def _spawn(self) -> bool:
         slot = self._free_slots.pop()
@@ -729,26 +738,25 @@ class Core:
 
     def _feed(self, w: _Worker, data: bytes) -> None:
         try:
-            messages = w.reader.feed(data)
+            frames = w.reader.feed_frames(data)
         except P.ProtocolError as exc:
             log.error("worker %d sent a corrupt frame (%s); killing it", w.pid, exc)
             self._kill_now(w, ExitReason.CRASH, None)
             return
         loads = pickle.loads
-        for msg in messages:
-            cls = type(msg)
-            if cls is P.TaskSucceeded or cls is P.TaskFailed:
+        SUCCEEDED, FAILED = P.Kind.SUCCEEDED, P.Kind.FAILED
+        for kind, task_id, elapsed, body in frames:
+            if kind == SUCCEEDED or kind == FAILED:
                 task = w.outstanding.popleft()
                 # Invariant: results arrive in the order the tasks were sent.
-                assert task.id == msg.task_id, (task.id, msg.task_id)  # type: ignore[union-attr]
+                assert task.id == task_id, (task.id, task_id)
                 w.answered += 1
                 self._running_count -= 1
-                el = msg.elapsed_s  # type: ignore[union-attr]
                 ewma = self._ewma_s
-                self._ewma_s = el if ewma is None else ewma + 0.1 * (el - ewma)
-                if cls is P.TaskSucceeded:
+                self._ewma_s = elapsed if ewma is None else ewma + 0.1 * (elapsed - ewma)
+                if kind == SUCCEEDED:
                     try:
-                        value = loads(msg.body)  # type: ignore[union-attr]
+                        value = loads(body)
                     except Exception as exc:
                         err = errors.SerializationError(
                             f"the result of task {task.id} (fn={task.fn_name}) could not be unpickled in the parent:"
@@ -757,21 +765,21 @@ class Core:
                             task_id=task.id,
                         )
                         err.__cause__ = exc
-                        self._attempt_failed(task, err, w.pid, el, died=False, blamed=False)
+                        self._attempt_failed(task, err, w.pid, elapsed, died=False, blamed=False)
                     else:
-                        self._tasks.pop(task.id, None)
+                        self._tasks.pop(task_id, None)
                         if task.timeout is not None:
-                            self.task_timeouts.pop(task.id, None)
+                            self.task_timeouts.pop(task_id, None)
                         self.stats["completed"] += 1
                         _resolve(task.future, value, None)
                 else:
-                    self._attempt_failed(task, P.rebuild_error(msg.body), w.pid, el, died=False, blamed=False)  # type: ignore[union-attr]
-            elif cls is P.WorkerReady:
+                    self._attempt_failed(task, P.rebuild_error(body), w.pid, elapsed, died=False, blamed=False)
+            elif kind == P.Kind.READY:
                 w.ready = True
                 self._views_dirty = True
                 self._emit(WorkerStarted(pid=w.pid, replaces=w.replaces))
-            elif cls is P.InitializerFailed:
-                w.init_error = P.rebuild_error(msg.body)  # type: ignore[union-attr]
+            elif kind == P.Kind.INIT_FAILED:
+                w.init_error = P.rebuild_error(body)
 
     def _on_worker_exit(self, w: _Worker) -> None:
         sel = self._selector

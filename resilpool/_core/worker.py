@@ -63,16 +63,28 @@ def _watch_parent(lifeline_fd: int) -> None:
         os._exit(70)
 
 
-def _describe_task_error(exc: BaseException, task_id: int, what: str) -> BaseException:
+def _unpickling_error(exc: BaseException, task_id: int) -> BaseException:
     from ..errors import SerializationError
 
     hint = ""
     if isinstance(exc, AttributeError) and "__main__" in str(exc):
         hint = (
-            "; functions defined in __main__ or a notebook cannot be found by a worker that was not"
+            "; a function defined in __main__ or a notebook cannot be found by a worker that was not"
             " forked: define it in an importable module, or use mp_context='fork'"
         )
-    err = SerializationError(f"{what} of task {task_id} could not be {'unpickled in the worker' if what == 'the task' else 'pickled'}: {type(exc).__name__}: {exc}{hint}", part="function/arguments" if what == "the task" else "result", task_id=task_id)
+    return SerializationError(
+        f"task {task_id} could not be unpickled in the worker: {type(exc).__name__}: {exc}{hint}",
+        part="call",
+        task_id=task_id,
+    )
+
+
+def _result_pickling_error(exc: BaseException, task_id: int) -> BaseException:
+    from ..errors import SerializationError
+
+    err = SerializationError(
+        f"the result of task {task_id} could not be pickled: {type(exc).__name__}: {exc}", part="result", task_id=task_id
+    )
     err.__cause__ = exc
     return err
 
@@ -123,6 +135,8 @@ def main(
 
 def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
     reader = P.FrameReader()
+    pack = P.HEADER.pack
+    RUN, RETIRE, SUCCEEDED, FAILED = P.Kind.RUN, P.Kind.RETIRE, P.Kind.SUCCEEDED, P.Kind.FAILED
     started = 0
     monotonic_ns = time.monotonic_ns
     perf = time.perf_counter
@@ -136,12 +150,11 @@ def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
         data = os.read(in_fd, _READ_SIZE)
         if not data:
             return  # parent closed the pipe
-        for msg in reader.feed(data):
-            if type(msg) is not P.RunTask:
-                if type(msg) is P.Retire:
+        for kind, task_id, _, body in reader.feed_frames(data):
+            if kind != RUN:
+                if kind == RETIRE:
                     return
                 continue
-            task_id = msg.task_id
             # The acknowledgement: from here on the parent counts this task as started.
             started += 1
             slots[i_started] = started
@@ -150,19 +163,21 @@ def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
             t0 = perf()
             try:
                 try:
-                    fn, args, kwargs = loads(msg.body)
+                    fn, args, kwargs = loads(body)
                 except BaseException as exc:
-                    raise _describe_task_error(exc, task_id, "the task") from exc
+                    raise _unpickling_error(exc, task_id) from exc
                 value = fn(*args, **kwargs)
             except BaseException as exc:
-                frame = P.encode(P.TaskFailed(task_id=task_id, elapsed_s=perf() - t0, body=P.error_payload(exc)))
+                out = P.error_payload(exc)
+                frame = pack(len(out), FAILED, task_id, perf() - t0) + out
             else:
                 elapsed = perf() - t0
                 try:
-                    frame = P.encode(P.TaskSucceeded(task_id=task_id, elapsed_s=elapsed, body=dumps(value, HIGHEST)))
+                    out = dumps(value, HIGHEST)
+                    frame = pack(len(out), SUCCEEDED, task_id, elapsed) + out
                 except BaseException as exc:
-                    err = _describe_task_error(exc, task_id, "the result")
-                    frame = P.encode(P.TaskFailed(task_id=task_id, elapsed_s=elapsed, body=P.error_payload(err)))
+                    out = P.error_payload(_result_pickling_error(exc, task_id))
+                    frame = pack(len(out), FAILED, task_id, elapsed) + out
                 del value
             _write_all(out_fd, frame)
             slots[i_task] = 0
