@@ -82,7 +82,7 @@ def _preload_worker_module(ctx: multiprocessing.context.BaseContext) -> None:
 
         mods = list(forkserver._forkserver._preload_modules)  # type: ignore[attr-defined]
         if "resilpool._core.worker" not in mods:
-            ctx.set_forkserver_preload(mods + ["resilpool._core.worker"])  # type: ignore[attr-defined]
+            ctx.set_forkserver_preload(mods + ["resilpool._core.worker"])
     except Exception:  # pragma: no cover - private API moved: only slower starts
         pass
 
@@ -228,7 +228,7 @@ class ResilientPool(Executor):
 
     # --- Executor API -----------------------------------------------------------------
 
-    def submit(self, fn: Callable[..., R], /, *args: Any, retry: RetrySpec = None, **kwargs: Any) -> Future[R]:
+    def submit(self, fn: Callable[..., R], /, *args: Any, retry: RetrySpec = None, **kwargs: Any) -> Future[R]:  # type: ignore[override]
         """Schedule ``fn(*args, **kwargs)``; return its future.
 
         Args:
@@ -286,7 +286,7 @@ class ResilientPool(Executor):
                 with self._core_lock:  # a rebuild is under way: wait for the new core
                     self._core_lock.wait_for(lambda: self._core is not core, timeout=1.0)
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., R],
         *iterables: Iterable[Any],

@@ -1140,7 +1140,7 @@ def _resolve(future: Future[Any], value: Any, exc: BaseException | None) -> None
 def _copy_error(err: BaseException) -> BaseException:
     """A fresh instance per future, so notes added to one do not show on another."""
     try:
-        new = pickle.loads(pickle.dumps(err))
+        new: BaseException = pickle.loads(pickle.dumps(err))
     except Exception:
         return err
     new.__cause__ = err.__cause__
