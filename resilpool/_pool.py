@@ -35,6 +35,7 @@ from typing import Any, TypeVar, final
 
 from . import errors
 from ._core import executor as _exec
+from ._core.serialization import Serializer, serialize_task
 from ._core.worker import call_chunk
 from .events import CoreRebuilt, Event, PoolStats, WorkerInfo
 from .retry import RetryPolicy, RetrySpec
@@ -133,6 +134,9 @@ class ResilientPool(Executor):
         retry: default ``retry=`` for every task (None: tasks run at most once).
         breaker: :class:`Breaker` settings (crash-loop breaker, poison quarantine).
         monitor_interval: seconds between two samples of the workers (psutil).
+        serializer: ``"auto"`` (stdlib pickle; cloudpickle for lambdas, local functions and
+            functions of an interactive ``__main__``, when installed), ``"pickle"`` or
+            ``"cloudpickle"``.
 
     Futures are plain :class:`concurrent.futures.Future`; a task's exception carries
     the worker's traceback as ``__cause__``, as with the standard library.
@@ -149,6 +153,7 @@ class ResilientPool(Executor):
         retry: RetrySpec = None,
         breaker: Breaker | None = None,
         monitor_interval: float = 0.2,
+        serializer: Serializer = "auto",
     ) -> None:
         if max_workers is None:
             max_workers = _default_workers()
@@ -166,7 +171,13 @@ class ResilientPool(Executor):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
         if isinstance(monitor_interval, bool) or not isinstance(monitor_interval, (int, float)) or not monitor_interval > 0:
             raise ValueError(f"monitor_interval must be > 0 seconds, got {monitor_interval!r}")
+        if serializer not in ("auto", "pickle", "cloudpickle"):
+            raise ValueError(f"serializer must be 'auto', 'pickle' or 'cloudpickle', got {serializer!r}")
+        self._serializer: Serializer = serializer
         self._ctx = _resolve_context(mp_context)
+        self._fork = self._ctx.get_start_method() == "fork"
+        # Test seam (resilpool.testing): maps (fn, args, kwargs) to the call actually sent.
+        self._task_wrapper: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] | None = None
         if self._ctx.get_start_method() != "fork":
             _check_picklable(initializer, initargs)
         self._max_workers = max_workers
@@ -250,8 +261,12 @@ class ResilientPool(Executor):
             raise TypeError(f"{fn!r} is not callable")
         task_id = next(self._ids)
         fut: Future[Any] = Future()
+        target = args[0] if fn is call_chunk else fn
+        sent_fn, sent_args, sent_kwargs = fn, args, kwargs
+        if self._task_wrapper is not None:
+            sent_fn, sent_args, sent_kwargs = self._task_wrapper(fn, args, kwargs)
         try:
-            body = _exec.serialize_task(task_id, fn, args, kwargs)
+            body = serialize_task(task_id, sent_fn, sent_args, sent_kwargs, self._serializer, fork=self._fork, target=target)
         except errors.SerializationError as exc:
             self._rejected += 1
             fut.set_exception(exc)

@@ -202,8 +202,8 @@ def test_unpicklable_argument_fails_only_its_future(make_pool) -> None:
 
 
 def test_unpicklable_function_is_named(make_pool) -> None:
-    pool = make_pool(1)
-    with pytest.raises(SerializationError, match="function.*lambda"):
+    pool = make_pool(1, serializer="pickle")
+    with pytest.raises(SerializationError, match="function.*lambda.*importable module"):
         pool.submit(lambda x: x, 1).result(timeout=T)
     with pytest.raises(SerializationError, match="keyword argument 'y'"):
         pool.submit(workload.add, 1, y=threading.Lock()).result(timeout=T)
@@ -349,3 +349,35 @@ def test_parent_sigkilled_leaves_no_worker(tmp_path: Path) -> None:
         proc.kill()
         proc.wait(timeout=T)
         proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_lambdas_and_local_functions_run_on_every_start_method(start_method: str) -> None:
+    factor = 3
+
+    def local(x: int) -> int:
+        return x * factor
+
+    with ResilientPool(2, mp_context=start_method) as pool:
+        assert pool.submit(lambda x: x + 1, 1).result(timeout=T) == 2
+        assert list(pool.map(local, range(4), timeout=T)) == [0, 3, 6, 9]
+        assert list(pool.map(lambda x: -x, range(5), chunksize=2, timeout=T)) == [0, -1, -2, -3, -4]
+
+
+def test_interactive_main_functions_run() -> None:
+    """A function defined in an interactive __main__ (no file, as in a notebook) reaches the workers."""
+    r = _run_script(
+        """
+        from resilpool import ResilientPool
+        def f(x):
+            return x * 2
+        with ResilientPool(2) as pool:
+            print("result", list(pool.map(f, range(4), timeout=30)))
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert "result [0, 2, 4, 6]" in r.stdout
+
+
+def test_bad_serializer_rejected() -> None:
+    with pytest.raises(ValueError, match="serializer"):
+        ResilientPool(1, serializer="json")  # type: ignore[arg-type]

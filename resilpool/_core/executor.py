@@ -165,42 +165,6 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def serialize_task(task_id: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle ``(fn, args, kwargs)``; on failure raise SerializationError naming the part."""
-    try:
-        return pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        part = _unpicklable_part(fn, args, kwargs)
-        name = getattr(fn, "__qualname__", repr(fn))
-        hint = ""
-        if part == "function" and ("<lambda>" in name or "<locals>" in name or getattr(fn, "__module__", "") == "__main__"):
-            hint = "; define it at the top level of an importable module"
-        raise errors.SerializationError(
-            f"cannot pickle the {part} of task {task_id} (fn={name}): {type(exc).__name__}: {exc}{hint}",
-            part=part,
-            task_id=task_id,
-        ) from exc
-
-
-def _unpicklable_part(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    def fails(obj: Any) -> bool:
-        try:
-            pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            return True
-        return False
-
-    if fails(fn):
-        return "function"
-    for i, a in enumerate(args):
-        if fails(a):
-            return f"argument {i}"
-    for k, v in kwargs.items():
-        if fails(v):
-            return f"keyword argument {k!r}"
-    return "call"
-
-
 # --- workers -------------------------------------------------------------------
 
 
