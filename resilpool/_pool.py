@@ -315,7 +315,7 @@ class ResilientPool(Executor):
         With ``chunksize > 1`` a chunk is one task: it is retried, or fails, as a whole.
         """
         policy = self._retry if retry is None else RetryPolicy.coerce(retry)
-        return _MapIterator(self, fn, iterables, timeout, chunksize, policy, None)
+        return _start_map(self, fn, iterables, timeout, chunksize, policy, None)
 
     def options(self, *, task_timeout: float | None = None, retry: RetrySpec = None) -> TaskOptions:
         """A view of the pool whose ``submit``/``map`` give each task these options.
@@ -441,84 +441,64 @@ class TaskOptions:
         return self._pool._submit(fn, args, kwargs, self._retry, self._timeout)
 
     def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1) -> Iterator[R]:
-        return _MapIterator(self._pool, fn, iterables, timeout, chunksize, self._retry, self._timeout)
+        return _start_map(self._pool, fn, iterables, timeout, chunksize, self._retry, self._timeout)
 
 
-class _MapIterator(Iterator[Any]):
-    """Ordered results of a lazy map; cancels outstanding work when closed or dropped."""
+class _MapState:
+    """The inputs and in-flight futures of one lazy ``map``; owned by the consuming thread."""
 
     def __init__(self, pool: ResilientPool, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], timeout: float | None, chunksize: int, policy: RetryPolicy | None, task_timeout: float | None) -> None:
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
         if pool._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        self._pool = pool
-        self._fn = fn
-        self._args: Iterator[tuple[Any, ...]] | None = zip(*iterables)
-        self._chunksize = chunksize
-        self._policy = policy
-        self._task_timeout = task_timeout
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._futures: deque[Future[Any]] = deque()
-        self._buffer: deque[Any] = deque()
-        self._window = max(2 * pool.max_workers, _MAP_WINDOW_ITEMS // chunksize)
-        self._fill()
+        self.pool = pool
+        self.fn = fn
+        self.star = len(iterables) != 1
+        self.inputs: Iterator[Any] | None = zip(*iterables) if self.star else iter(iterables[0])
+        self.chunksize = chunksize
+        self.policy = policy
+        self.task_timeout = task_timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.futures: deque[Future[Any]] = deque()
+        self.window = max(2 * pool.max_workers, _MAP_WINDOW_ITEMS // chunksize)
 
-    def _fill(self) -> None:
-        args = self._args
-        if args is None:
+    def fill(self) -> None:
+        """Submit more work, in batches (one hand-over, one wake-up), up to the read-ahead window."""
+        inputs = self.inputs
+        if inputs is None:
             return
-        room = self._window - len(self._futures)
-        if room <= 0 or (self._futures and room < self._window // 4):
-            return  # top up in batches: one hand-over, one wake-up
+        room = self.window - len(self.futures)
+        if room <= 0 or (self.futures and room < self.window // 4):
+            return
         tasks = []
-        pool = self._pool
+        pool, fn, star = self.pool, self.fn, self.star
         for _ in range(room):
-            if self._chunksize == 1:
+            if self.chunksize == 1:
                 try:
-                    a = next(args)
+                    item = next(inputs)
                 except StopIteration:
-                    self._args = None
+                    self.inputs = None
                     break
-                fut, task = pool._make_task(self._fn, a, {}, self._policy, self._task_timeout)
+                fut, task = pool._make_task(fn, item if star else (item,), {}, self.policy, self.task_timeout)
             else:
-                chunk = list(itertools.islice(args, self._chunksize))
+                chunk = list(itertools.islice(inputs, self.chunksize))
                 if not chunk:
-                    self._args = None
+                    self.inputs = None
                     break
-                fut, task = pool._make_task(call_chunk, (self._fn, chunk), {}, self._policy, self._task_timeout)
-            self._futures.append(fut)
+                fut, task = pool._make_task(call_chunk, (fn, chunk, star), {}, self.policy, self.task_timeout)
+            self.futures.append(fut)
             if task is not None:
                 tasks.append(task)
         if tasks:
             pool._hand_over(tasks)
 
-    def __next__(self) -> Any:
-        if self._buffer:
-            return self._buffer.popleft()
-        if not self._futures:
-            self._fill()
-            if not self._futures:
-                raise StopIteration
-        fut = self._futures.popleft()
-        try:
-            self._fill()
-            value = self._wait(fut)
-        except BaseException:
-            self.close()
-            raise
-        if self._chunksize == 1:
-            return value
-        self._buffer.extend(value)
-        return self.__next__()
-
-    def _wait(self, fut: Future[Any]) -> Any:
+    def wait(self, fut: Future[Any]) -> Any:
         while True:
             remaining = 1.0
-            if self._deadline is not None:
-                remaining = self._deadline - time.monotonic()
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
-                    fut.cancel()
                     raise FuturesTimeout()
                 remaining = min(remaining, 1.0)
             try:
@@ -530,15 +510,41 @@ class _MapIterator(Iterator[Any]):
 
     def close(self) -> None:
         """Stop reading inputs and cancel the work not yet started."""
-        self._args = None
-        while self._futures:
-            self._futures.pop().cancel()
+        self.inputs = None
+        futures = self.futures
+        while futures:
+            futures.pop().cancel()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+
+def _map_results(state: _MapState) -> Iterator[Any]:
+    """Yield a lazy map's results in order; closing the generator cancels what has not started."""
+    futures = state.futures
+    chunked = state.chunksize > 1
+    try:
+        while True:
+            if not futures:
+                state.fill()
+                if not futures:
+                    return
+            fut = futures.popleft()
+            state.fill()
+            value = state.wait(fut)
+            del fut
+            if chunked:
+                yield from value
+            else:
+                yield value
+    finally:
+        state.close()
+
+
+def _start_map(pool: ResilientPool, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], timeout: float | None, chunksize: int, policy: RetryPolicy | None, task_timeout: float | None) -> Iterator[Any]:
+    state = _MapState(pool, fn, iterables, timeout, chunksize, policy, task_timeout)
+    state.fill()  # work starts now, as with the stdlib, not at the first next()
+    results = _map_results(state)
+    # A generator dropped before its first next() never runs its finally: cancel from here.
+    weakref.finalize(results, state.close)
+    return results
 
 
 def _rebuild_hook(pool_ref: weakref.ref[ResilientPool]) -> Callable[[_exec.Core, BaseException], None]:

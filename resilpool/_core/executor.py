@@ -82,9 +82,11 @@ __all__ = ["Core", "CoreGone", "Task", "WorkerView"]
 log = logging.getLogger("resilpool")
 
 _READ_SIZE: Final = 1 << 18
-_MAX_DEPTH: Final = 64  # tasks queued to one worker at most (tiny tasks)
+_MAX_DEPTH: Final = 256  # tasks queued to one worker at most (tiny tasks)
 _DEEP_BELOW_S: Final = 0.005  # queue more than one task per worker only when tasks are this short
-_PIPELINE_S: Final = 0.002  # ... and enough of them to cover this much work
+# ... and enough of them to cover this much work: one GIL switch interval, so a worker
+# does not run dry while a busy submitting thread keeps the manager from running.
+_PIPELINE_S: Final = 0.005
 _STOP_GRACE_S: Final = 5.0  # after the last task, how long retiring workers get before SIGKILL
 _JOIN_S: Final = 2.0
 
@@ -967,6 +969,7 @@ class Core:
         if task_id is not None:
             # Stop the group first so the slot cannot move on while we look at it.
             _signal_group(w.pid, signal.SIGSTOP)
+            _wait_stopped(w.pid)
             running = self._slots[w.slot * P.SLOT_FIELDS + P.SLOT_TASK]
             if running != task_id:
                 _signal_group(w.pid, signal.SIGCONT)
@@ -1136,6 +1139,27 @@ def _signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
         except OSError:
             pass
+
+
+def _wait_stopped(pid: int, timeout_s: float = 0.2) -> None:
+    """Wait until a SIGSTOPped process has really stopped (signal delivery is asynchronous).
+
+    No event tells us this (the worker is the forkserver's child, not ours, so
+    ``waitid(WSTOPPED)`` is not available): poll its state in /proc, briefly and
+    boundedly. Where there is no /proc, return at once.
+    """
+    path = f"/proc/{pid}/stat"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return
+        state = data[data.rindex(b")") + 2 : data.rindex(b")") + 3]
+        if state in (b"T", b"t", b"Z", b"X") or time.monotonic() > deadline:
+            return
+        time.sleep(0.0002)
 
 
 def _kill_group(pid: int, *, reaped: bool = False) -> None:

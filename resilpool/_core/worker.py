@@ -36,9 +36,11 @@ __all__ = ["call_chunk", "main"]
 _READ_SIZE = 1 << 18
 
 
-def call_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Run ``fn`` over a chunk of argument tuples (``map`` with ``chunksize > 1``)."""
-    return [fn(*args) for args in chunk]
+def call_chunk(fn: Callable[..., Any], chunk: Sequence[Any], star: bool = False) -> list[Any]:
+    """Run ``fn`` over a chunk (``map`` with ``chunksize > 1``): items, or argument tuples with ``star``."""
+    if star:
+        return [fn(*args) for args in chunk]
+    return list(map(fn, chunk))
 
 
 def _write_all(fd: int, data: bytes) -> None:
