@@ -686,6 +686,8 @@ class Core:
             return
         w.retiring = reason
         self._views_dirty = True
+        if reason is not ExitReason.SHUTDOWN:
+            self._vacated.append(w.pid)  # the replacement starts now, before it leaves
         w.outbox += P.encode(P.Retire())
         self._flush(w)
 
@@ -803,10 +805,10 @@ class Core:
             self.stats["worker_crashes"] += 1
         self.recycled[reason.value] += 1
         if reason is not ExitReason.SHUTDOWN:
-            self._vacated.append(w.pid)
-            lvl = logging.INFO if reason.is_recycle or reason is ExitReason.MAX_TASKS else logging.WARNING
-            if reason not in (ExitReason.MAX_TASKS, ExitReason.LIFETIME):
-                log.log(lvl, "%s (%s)", detail, reason.value)
+            if w.retiring is None and w.kill is None:  # else its replacement started already
+                self._vacated.append(w.pid)
+            lvl = logging.INFO if reason.is_recycle else logging.WARNING
+            log.log(lvl, "%s (%s)", detail, reason.value)
         self._emit(WorkerExited(pid=w.pid, exitcode=exitcode, reason=reason, task_id=crashed.id if crashed else None, detail=detail))
         if reason is not ExitReason.STARTUP:
             self._ensure_capacity()  # the replacement starts now, fresh for a retry that needs one
@@ -978,6 +980,8 @@ class Core:
             make_error = _crash_error_factory(w.pid)
         w.kill = (reason, make_error)
         self._views_dirty = True
+        if w.retiring is None:
+            self._vacated.append(w.pid)
         _kill_group(w.pid)
 
     def _begin_drain(self, cancel_futures: bool) -> None:

@@ -118,6 +118,10 @@ class Limits:
         if ma is not None:
             if isinstance(ma, float) and 0 < ma < 1:
                 pass
+            elif isinstance(ma, float) and not ma.is_integer():
+                raise ValueError(
+                    f"Limits.min_available must be a fraction of RAM between 0 and 1, or a size, got {ma!r}"
+                )
             else:
                 set_(self, "min_available", parse_size(ma, "Limits.min_available"))
 
@@ -132,4 +136,4 @@ class Limits:
             return None
         if isinstance(ma, float):
             return int(ma * total_bytes)
-        return int(ma)  # type: ignore[arg-type]
+        return int(ma)

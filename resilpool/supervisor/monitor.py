@@ -4,7 +4,7 @@ It owns no task state.  Each tick it reads the core's published worker views and
 slots (shared memory: which task runs since when), measures each worker's whole
 process tree (RSS, CPU time), asks :func:`~resilpool.supervisor.policy.decide`
 and sends the answer through the core's seams (``retire_worker``,
-``kill_worker``, ``pause_dispatch``).  Owned by the monitor thread: ``_state``;
+``kill_worker``, ``pause_dispatch``).  Owned by the monitor thread: ``_state``, ``_paused``;
 published for other threads (replaced whole, never mutated): ``samples``.
 The thread waits on ``stop_event.wait(interval)``: it never sleeps blindly.
 """
@@ -45,11 +45,13 @@ class Sample:
 @dataclass(slots=True, eq=False)
 class _WorkerState:
     proc: psutil.Process
+    spawned_at: float  # the view's, to tell a new worker from an old one with a reused pid
     lifetime_s: float | None
     members: list[psutil.Process] = field(default_factory=list)
     members_at: float = -1e9
-    history: deque[tuple[float, float]] = field(default_factory=deque)
-    acted: bool = False  # retired or killed for memory: nothing more to decide
+    history: deque[tuple[float, float]] = field(default_factory=deque)  # (now, tree CPU seconds)
+    retired: bool = False  # asked to retire: not again, but its last task is still watched
+    killed: bool = False  # killed for memory: nothing more to decide
     killed_task: int = 0  # asked to kill while running this task (the kill may find it finished)
 
 
@@ -73,6 +75,7 @@ class Monitor:
         self.samples: dict[int, Sample] = {}
         self.peak_rss = 0
         self._paused = False
+        self._paused_core: Any = None
         self._stop = threading.Event()
         self._total_ram = psutil.virtual_memory().total
         self._thread = threading.Thread(target=self._run, name=f"{name}-monitor", daemon=True)
@@ -104,9 +107,9 @@ class Monitor:
             pid = view.pid
             seen.add(pid)
             st = self._state.get(pid)
-            if st is None:
+            if st is None or st.spawned_at != view.spawned_at:
                 try:
-                    st = _WorkerState(psutil.Process(pid), lifetime_with_jitter(limits.max_lifetime, self._rng))
+                    st = _WorkerState(psutil.Process(pid), view.spawned_at, lifetime_with_jitter(limits.max_lifetime, self._rng))
                 except psutil.Error:
                     continue
                 self._state[pid] = st
@@ -114,64 +117,100 @@ class Monitor:
             if measured is None:
                 continue
             rss, cpu = measured
-            hist = st.history
-            prev = hist[-1] if hist else None
-            hist.append((now, cpu))
-            keep = (limits.stall_timeout or 0.0) + 2 * self.interval_s
-            while len(hist) > 2 and hist[1][0] <= now - keep:
-                hist.popleft()
-            cpu_pct = None
-            if prev is not None and now > prev[0]:
-                cpu_pct = 100.0 * (cpu - prev[1]) / (now - prev[0])
+            cpu_pct = self._record_cpu(st, now, cpu)
             samples[pid] = Sample(rss=rss, cpu_percent=cpu_pct)
             if rss > self.peak_rss:
                 self.peak_rss = rss
-            if st.acted:
+            if st.killed:
                 continue
             task_id, started, _ = core.read_slot(view.slot)
             if task_id and task_id == st.killed_task:
                 continue
-            cpu_window = None
-            if limits.stall_timeout is not None and hist[0][0] <= now - limits.stall_timeout:
-                # CPU used since the newest sample at least stall_timeout old.
-                base = hist[0]
-                for t, c in hist:
-                    if t <= now - limits.stall_timeout:
-                        base = (t, c)
-                    else:
-                        break
-                cpu_window = cpu - base[1]
-            sample = WorkerSample(
-                pid=pid,
-                rss=rss,
-                age_s=now - view.spawned_at,
-                lifetime_s=st.lifetime_s,
-                task_id=task_id,
-                task_started=started,
-                task_timeout=core.task_timeouts.get(task_id) if task_id else None,
-                cpu_window_s=cpu_window,
-                retiring=view.retiring,
-            )
-            action = decide(sample, limits, now)
-            if action is not None:
-                if isinstance(action, Kill) and action.task_id is not None:
+            action = self._decide(st, view, core, now, rss, task_id, started)
+            if isinstance(action, Kill) and action.reason is ExitReason.STALL and st.members_at < now:
+                # Calling a task hung is a strong claim: first look for subprocesses started
+                # since the last scan (a task waiting on a busy child is not stalled).
+                st.members_at = -1e9
+                measured = self._measure(st, now)
+                if measured is None:
+                    continue
+                rss, cpu = measured
+                st.history[-1] = (now, max(cpu, st.history[-1][1]))
+                action = self._decide(st, view, core, now, rss, task_id, started)
+            if action is None:
+                continue
+            if isinstance(action, Kill):
+                if action.task_id is not None:
                     st.killed_task = action.task_id
                 else:
-                    st.acted = True
-                self._apply(core, action)
+                    st.killed = True
+            else:
+                st.retired = True
+            self._apply(core, action)
         for pid in list(self._state):
             if pid not in seen:
                 del self._state[pid]
         self.samples = samples
         self._check_available(core)
 
+    def _record_cpu(self, st: _WorkerState, now: float, cpu: float) -> float | None:
+        """Add a CPU sample to the worker's history; return the tree's CPU % since the last one."""
+        hist = st.history
+        prev = hist[-1] if hist else None
+        if prev is not None and cpu < prev[1]:
+            # The tree lost CPU time it had counted (a subprocess reaped outside the tree,
+            # a member that vanished mid-read): older samples no longer compare. Start over,
+            # so no stall is called on a negative difference.
+            hist.clear()
+            prev = None
+        hist.append((now, cpu))
+        keep = (self.limits.stall_timeout or 0.0) + 2 * self.interval_s
+        while len(hist) > 2 and hist[1][0] <= now - keep:
+            hist.popleft()
+        if prev is None or now <= prev[0]:
+            return None
+        return 100.0 * (cpu - prev[1]) / (now - prev[0])
+
+    def _cpu_window(self, st: _WorkerState, now: float) -> float | None:
+        """CPU seconds the tree used since the newest sample at least stall_timeout old (None: too little history)."""
+        stall = self.limits.stall_timeout
+        hist = st.history
+        if stall is None or not hist or hist[0][0] > now - stall:
+            return None
+        base = hist[0]
+        for t, c in hist:
+            if t <= now - stall:
+                base = (t, c)
+            else:
+                break
+        return hist[-1][1] - base[1]
+
+    def _decide(self, st: _WorkerState, view: Any, core: Any, now: float, rss: int, task_id: int, started: float | None) -> Kill | Retire | None:
+        sample = WorkerSample(
+            pid=view.pid,
+            rss=rss,
+            age_s=now - view.spawned_at,
+            lifetime_s=st.lifetime_s,
+            task_id=task_id,
+            task_started=started,
+            task_timeout=core.task_timeouts.get(task_id) if task_id else None,
+            cpu_window_s=self._cpu_window(st, now),
+            # Retired but not yet shown so: never retire twice, but keep watching its last task.
+            retiring=view.retiring or st.retired,
+        )
+        return decide(sample, self.limits, now)
+
     def _measure(self, st: _WorkerState, now: float) -> tuple[int, float] | None:
-        """RSS (bytes) and CPU seconds of the worker's process tree, or None if it is gone."""
+        """RSS (bytes) and CPU seconds of the worker's process tree, or None if it is gone.
+
+        CPU counts each process's own time and the time of the children it has reaped
+        (``children_user``/``children_system``), so the total does not drop when a
+        task's subprocess exits: work done by a subprocess is not mistaken for a stall.
+        """
         try:
             with st.proc.oneshot():
                 rss = st.proc.memory_info().rss
-                t = st.proc.cpu_times()
-                cpu = t.user + t.system
+                cpu = _cpu_seconds(st.proc.cpu_times())
         except psutil.Error:
             return None
         if now - st.members_at >= _CHILDREN_EVERY_S:
@@ -184,8 +223,7 @@ class Monitor:
             try:
                 with child.oneshot():
                     rss += child.memory_info().rss
-                    ct = child.cpu_times()
-                    cpu += ct.user + ct.system
+                    cpu += _cpu_seconds(child.cpu_times())
             except psutil.Error:
                 continue
         return rss, cpu
@@ -220,10 +258,19 @@ class Monitor:
         floor = self.limits.min_available_bytes(self._total_ram)
         if floor is None:
             return
+        if self._paused and self._paused_core is not core:
+            self._paused = False  # a rebuilt core starts unpaused: judge it afresh
         avail = psutil.virtual_memory().available
         if not self._paused and avail < floor:
             self._paused = True
+            self._paused_core = core
             core.pause_dispatch(f"available memory {avail / 2**20:.0f} MiB is below min_available {floor / 2**20:.0f} MiB")
         elif self._paused and avail > floor * 1.1:  # hysteresis: do not flap around the floor
             self._paused = False
+            self._paused_core = None
             core.resume_dispatch()
+
+
+def _cpu_seconds(t: Any) -> float:
+    """User + system time of a process and of the children it has reaped."""
+    return float(t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0))

@@ -70,7 +70,7 @@ def decide(s: WorkerSample, limits: Limits, now: float) -> Action | None:
     running = s.task_id != 0 and s.task_started is not None
     task_id = s.task_id if running else None
     if limits.max_rss is not None and s.rss > limits.max_rss:  # type: ignore[operator]
-        return Kill(pid=s.pid, task_id=None, reason=ExitReason.MEMORY, rss=s.rss, limit=int(limits.max_rss))  # type: ignore[arg-type]
+        return Kill(pid=s.pid, task_id=None, reason=ExitReason.MEMORY, rss=s.rss, limit=int(limits.max_rss))
     if running:
         assert s.task_started is not None
         elapsed = now - s.task_started
