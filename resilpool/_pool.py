@@ -221,7 +221,7 @@ class ResilientPool(Executor):
     def _rebuild(self, old: _exec.Core, exc: BaseException) -> None:
         # Runs on the failed core's manager thread.
         if self._rebuild_breaker.record_failure(time.monotonic()):
-            raise RuntimeError("the core broke 5 times within 60s; not rebuilding again") from exc
+            raise RuntimeError("the core broke more than 5 times within 60s; not rebuilding again") from exc
         with self._core_lock:
             new = self._new_core()
             unstarted, interrupted = old.salvage()
@@ -499,6 +499,7 @@ class _MapState:
             if self.deadline is not None:
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
+                    fut.cancel()
                     raise FuturesTimeout()
                 remaining = min(remaining, 1.0)
             try:

@@ -41,8 +41,8 @@ class RetryPolicy:
     Args:
         stop: a tenacity stop strategy; default ``stop_after_attempt(4)`` (3 retries).
         wait: a tenacity wait strategy (backoff before the next attempt); default no wait.
-        retry: a tenacity retry predicate over the attempt's outcome; default any ``Exception``
-            (including the pool's own ``WorkerCrashedError``, ``MemoryLimitError``,
+        retry: a tenacity retry predicate over the attempt's outcome; default any failure
+            (any ``BaseException`` the task raised, and the pool's own ``WorkerCrashedError``, ``MemoryLimitError``,
             ``TaskTimeoutError``).
 
     Example::
@@ -58,7 +58,8 @@ class RetryPolicy:
     def __init__(self, *, stop: Any = None, wait: Any = None, retry: Any = None) -> None:
         self.stop = stop_after_attempt(4) if stop is None else stop
         self.wait = wait_none() if wait is None else wait
-        self.retry = retry_if_exception_type(Exception) if retry is None else retry
+        # Any failure, as the brief says: SystemExit raised by a task is a failed attempt too.
+        self.retry = retry_if_exception_type(BaseException) if retry is None else retry
         for name in ("stop", "wait", "retry"):
             value = getattr(self, name)
             if isinstance(value, type):  # stop=stop_after_attempt: a class is callable, and silently wrong

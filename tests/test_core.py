@@ -381,3 +381,44 @@ def test_interactive_main_functions_run() -> None:
 def test_bad_serializer_rejected() -> None:
     with pytest.raises(ValueError, match="serializer"):
         ResilientPool(1, serializer="json")  # type: ignore[arg-type]
+
+
+# --- regressions: work left when a worker goes during shutdown, idle-pool retries ------------
+
+
+def test_shutdown_finishes_work_when_the_last_worker_dies(make_pool) -> None:
+    pool = make_pool(1)
+    crash = pool.submit(workload.kill_self)
+    after = pool.submit(workload.inc, 1)
+    pool.shutdown(wait=True)  # must start a replacement for the queued task, not hang
+    with pytest.raises(WorkerCrashedError):
+        crash.result(timeout=T)
+    assert after.result(timeout=T) == 2
+
+
+def test_shutdown_finishes_work_across_max_tasks_retirements(make_pool) -> None:
+    from resilpool import Limits
+
+    pool = make_pool(1, limits=Limits(max_tasks=1))
+    futs = [pool.submit(workload.pid_of) for _ in range(3)]
+    pool.shutdown(wait=True)
+    assert len({f.result(timeout=T) for f in futs}) == 3
+
+
+def test_retry_on_a_fresh_worker_runs_on_an_idle_pool(make_pool, tmp_path: Path) -> None:
+    pool = make_pool(1)
+    assert pool.submit(workload.inc, 1).result(timeout=T) == 2  # the worker has run a task: not fresh
+    fut = pool.submit(workload.crash_first_time, str(tmp_path / "m"), "ok", retry=1)
+    assert fut.result(timeout=T) == "ok"
+
+
+def test_pool_broken_for_good_when_rebuilds_keep_failing(make_pool) -> None:
+    pool = make_pool(1)
+    for n in range(1, 7):
+        pool._break_core_for_test()
+        if n <= 5:
+            wait_until(lambda: pool.stats().rebuilds == n, what=f"rebuild {n}")
+            assert pool.submit(workload.inc, 1).result(timeout=T) == 2
+    wait_until(lambda: pool.stats().broken, what="pool marked broken")
+    with pytest.raises(cf.process.BrokenProcessPool, match="could not be rebuilt"):
+        pool.submit(workload.inc, 1)

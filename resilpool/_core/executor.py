@@ -551,7 +551,7 @@ class Core:
         return sum(1 for w in self._workers.values() if w.retiring is None and w.kill is None)
 
     def _ensure_capacity(self) -> None:
-        if self._broken is not None or self._draining or not self._views_dirty:
+        if self._broken is not None or self._stopping_since is not None or not self._views_dirty:
             return  # worker changes always set _views_dirty: nothing changed, nothing to start
         while self._active_workers() < self.max_workers:
             if not self._free_slots or not self._spawn():
@@ -618,13 +618,13 @@ class Core:
                     break
                 if w.sent == 0 and w.retiring is None and w.kill is None:
                     self._send(w, fresh.popleft())
+                    if self._max_tasks is not None and w.sent >= self._max_tasks:
+                        self._retire(w, ExitReason.MAX_TASKS)
             while fresh:  # no fresh worker to be had: take any rather than wait forever
                 t = fresh.pop()
                 t.needs_fresh = False
                 self._pending.appendleft(t)
         pending = self._pending
-        if not pending:
-            return
         depth = self._depth()
         max_tasks = self._max_tasks
         open_workers = [w for w in self._workers.values() if w.retiring is None and w.kill is None]
@@ -1029,8 +1029,10 @@ class Core:
                 return
             except BaseException:
                 log.error("resilpool could not rebuild its core", exc_info=True)
-        # No rebuild: fail everything so no future hangs.
-        err = errors.WorkerCrashedError(f"the pool's core failed: {type(exc).__name__}: {exc}")
+        # No rebuild: the pool is broken for good; fail everything so no future hangs.
+        err = errors.WorkerCrashedError(f"the pool's core failed and could not be rebuilt: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        self._broken = err
         unstarted, interrupted = self.salvage()
         for t in (*unstarted, *interrupted):
             _resolve(t.future, None, _copy_error(err))
@@ -1057,8 +1059,20 @@ class Core:
             except (BlockingIOError, OSError, AssertionError):
                 pass
             started = self._slots[w.slot * P.SLOT_FIELDS + P.SLOT_STARTED]
+            running = None
             if started > w.answered and w.outstanding:
-                interrupted.append(w.outstanding.popleft())
+                running = w.outstanding.popleft()
+                interrupted.append(running)
+            self.recycled[ExitReason.REBUILD.value] += 1
+            self._emit(
+                WorkerExited(
+                    pid=w.pid,
+                    exitcode=w.process.exitcode,
+                    reason=ExitReason.REBUILD,
+                    task_id=running.id if running else None,
+                    detail=f"worker {w.pid} killed: the pool's core broke and was rebuilt",
+                )
+            )
             unstarted.extend(w.outstanding)
             w.outstanding.clear()
             for c in (w.task_conn, w.result_conn):

@@ -11,7 +11,7 @@ Each worker has two one-way pipes and one shared-memory slot::
     lifeline     EOF when the parent dies  ------->  watchdog thread kills the worker's group
 
 Messages are small frozen dataclasses, one per meaning.  On the wire each is a
-frame: a fixed header ``<IBqd`` (body length, kind, task id, elapsed seconds)
+frame: a fixed header ``<QBqd`` (body length, kind, task id, elapsed seconds)
 followed by the body bytes.  The task body is the pickled ``(fn, args,
 kwargs)``, pickled once by the submitting thread and resent unchanged on a
 retry; the result body is the pickled value or an :class:`ErrorPayload`.
@@ -51,7 +51,7 @@ __all__ = [
     "rebuild_error",
 ]
 
-HEADER: Final = struct.Struct("<IBqd")
+HEADER: Final = struct.Struct("<QBqd")  # 64-bit length: a call may pickle to 4 GiB and more
 
 #: Per-worker slot in shared memory: these many int64 fields.
 SLOT_FIELDS: Final = 4

@@ -118,7 +118,7 @@ class Limits:
         if ma is not None:
             if isinstance(ma, float) and 0 < ma < 1:
                 pass
-            elif isinstance(ma, float) and not ma.is_integer():
+            elif isinstance(ma, float):
                 raise ValueError(
                     f"Limits.min_available must be a fraction of RAM between 0 and 1, or a size, got {ma!r}"
                 )
