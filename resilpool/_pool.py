@@ -137,6 +137,8 @@ class ResilientPool(Executor):
         serializer: ``"auto"`` (stdlib pickle; cloudpickle for lambdas, local functions and
             functions of an interactive ``__main__``, when installed), ``"pickle"`` or
             ``"cloudpickle"``.
+        backend: where tasks run; None for local worker processes, or
+            ``resilpool.dask.DaskBackend(...)`` for a Dask cluster (same API and semantics).
 
     Futures are plain :class:`concurrent.futures.Future`; a task's exception carries
     the worker's traceback as ``__cause__``, as with the standard library.
@@ -154,6 +156,7 @@ class ResilientPool(Executor):
         breaker: Breaker | None = None,
         monitor_interval: float = 0.2,
         serializer: Serializer = "auto",
+        backend: Any = None,
     ) -> None:
         if max_workers is None:
             max_workers = _default_workers()
@@ -196,8 +199,10 @@ class ResilientPool(Executor):
         self._rebuilds = 0
         self._rebuild_breaker = CrashLoopBreaker(5, 60.0)
         self._events = _EventBus("resilpool")
+        self._backend = backend
         self._core = self._new_core()
-        self._monitor = Monitor(lambda: self._core, limits, float(monitor_interval))
+        # A backend samples its own workers (they are not our children); locally, the Monitor does.
+        self._monitor: Any = backend.make_monitor(self) if backend is not None else Monitor(lambda: self._core, limits, float(monitor_interval))
         self._monitor.start()
         _LIVE_POOLS.add(self)
 
@@ -205,7 +210,8 @@ class ResilientPool(Executor):
 
     def _new_core(self) -> _exec.Core:
         b = self._breaker
-        return _exec.Core(
+        make: Any = _exec.Core if self._backend is None else self._backend.make_core
+        return make(  # type: ignore[no-any-return]
             max_workers=self._max_workers,
             mp_context=self._ctx,
             initializer=self._initializer,
@@ -216,6 +222,7 @@ class ResilientPool(Executor):
             quarantine_after=b.quarantine_after,
             emit=self._events.emit,
             on_broken=_rebuild_hook(weakref.ref(self)),
+            **({} if self._backend is None else {"limits": self._limits, "serializer": self._serializer}),
         )
 
     def _rebuild(self, old: _exec.Core, exc: BaseException) -> None:
