@@ -88,6 +88,19 @@ def _preload_worker_module(ctx: multiprocessing.context.BaseContext) -> None:
         pass
 
 
+class _NoMonitor:
+    """Stands in for the Monitor when sampling is off (``monitor_interval=None``)."""
+
+    samples: dict[int, Any] = {}
+    peak_rss = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout: float = 0.0) -> None:
+        pass
+
+
 class _EventBus:
     """Delivers events to logging and listeners on its own thread, in order."""
 
@@ -154,7 +167,7 @@ class ResilientPool(Executor):
         limits: Limits | None = None,
         retry: RetrySpec = None,
         breaker: Breaker | None = None,
-        monitor_interval: float = 0.2,
+        monitor_interval: float | None = 0.2,
         serializer: Serializer = "auto",
         backend: Any = None,
     ) -> None:
@@ -172,8 +185,11 @@ class ResilientPool(Executor):
             raise TypeError(f"breaker must be a resilpool.Breaker, got {breaker!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {initializer!r}")
-        if isinstance(monitor_interval, bool) or not isinstance(monitor_interval, (int, float)) or not monitor_interval > 0:
-            raise ValueError(f"monitor_interval must be > 0 seconds, got {monitor_interval!r}")
+        if monitor_interval is None:
+            if limits.needs_monitor(ignore_default_floor=True):
+                raise ValueError("monitor_interval=None turns sampling off, but these limits need it: " + ", ".join(limits.sampled_fields()))
+        elif isinstance(monitor_interval, bool) or not isinstance(monitor_interval, (int, float)) or not monitor_interval > 0:
+            raise ValueError(f"monitor_interval must be > 0 seconds or None, got {monitor_interval!r}")
         if serializer not in ("auto", "pickle", "cloudpickle"):
             raise ValueError(f"serializer must be 'auto', 'pickle' or 'cloudpickle', got {serializer!r}")
         self._serializer: Serializer = serializer
@@ -202,7 +218,13 @@ class ResilientPool(Executor):
         self._backend = backend
         self._core = self._new_core()
         # A backend samples its own workers (they are not our children); locally, the Monitor does.
-        self._monitor: Any = backend.make_monitor(self) if backend is not None else Monitor(lambda: self._core, limits, float(monitor_interval))
+        self._monitor: Any
+        if backend is not None:
+            self._monitor = backend.make_monitor(self)
+        elif monitor_interval is None:
+            self._monitor = _NoMonitor()
+        else:
+            self._monitor = Monitor(lambda: self._core, limits, float(monitor_interval))
         self._monitor.start()
         _LIVE_POOLS.add(self)
 
@@ -217,6 +239,7 @@ class ResilientPool(Executor):
             initializer=self._initializer,
             initargs=self._initargs,
             max_tasks_per_worker=self._limits.max_tasks,
+            soft_max_rss=self._limits.soft_max_rss,
             max_startup_failures=b.max_failures if b.max_failures is not None else max(3, 2 * self._max_workers),
             startup_window_s=b.window,
             quarantine_after=b.quarantine_after,

@@ -796,3 +796,25 @@ def test_monitor_treats_a_reused_pid_as_a_new_worker(rig: Any) -> None:
     core.views = (WorkerView(pid=4242, slot=1, spawned_at=1.5, ready=True, retiring=False),)
     _ticks(mon, 1.6, 3.0)
     assert core.actions()[1:] == [("retire", 4242, ExitReason.LIFETIME)]
+
+
+def test_fast_leak_is_caught_between_two_tasks(make_pool: MakePool) -> None:
+    """A worker past soft_max_rss leaves after the task that crossed it, even with tiny tasks queued."""
+    import collections
+
+    pool = make_pool(2, limits=Limits(soft_max_rss="120MiB"))
+    pids = list(pool.map(workload.leak, [10] * 120, timeout=RESULT_TIMEOUT))
+    per_pid = collections.Counter(pids)
+    # A fresh worker is ~20 MiB: it crosses 120 MiB within ~11 tasks of 10 MiB, and leaves then.
+    assert max(per_pid.values()) <= 12, per_pid
+    assert pool.stats().recycled.get("soft_memory", 0) >= 5
+    assert pool.stats().failed == 0
+    assert_usable(pool)
+
+
+def test_monitor_can_be_turned_off(make_pool: MakePool) -> None:
+    pool = make_pool(1, monitor_interval=None, limits=Limits(max_tasks=2))
+    assert [f.result(timeout=RESULT_TIMEOUT) for f in [pool.submit(workload.inc, i) for i in range(4)]] == [1, 2, 3, 4]
+    assert pool.workers()[0].rss is None
+    with pytest.raises(ValueError, match="max_rss"):
+        ResilientPool(1, monitor_interval=None, limits=Limits(max_rss="1GiB"))

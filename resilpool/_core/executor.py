@@ -288,6 +288,7 @@ class Core:
         initializer: Callable[..., object] | None,
         initargs: tuple[Any, ...],
         max_tasks_per_worker: int | None,
+        soft_max_rss: int | None = None,
         max_startup_failures: int,
         startup_window_s: float,
         quarantine_after: int,
@@ -301,6 +302,7 @@ class Core:
         self._initializer = initializer
         self._initargs = initargs
         self._max_tasks = max_tasks_per_worker
+        self._soft_rss = soft_max_rss
         self._quarantine_after = quarantine_after
         self._emit = emit
         self._on_broken = on_broken
@@ -573,7 +575,7 @@ class Core:
             close_fds = (self._lifeline_w.fileno(), task_w.fileno(), result_r.fileno())
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_module.main,
-            args=(task_r, result_w, self._lifeline_r, self._slots, slot, self._initializer, self._initargs, close_fds),
+            args=(task_r, result_w, self._lifeline_r, self._slots, slot, self._initializer, self._initargs, close_fds, self._soft_rss),
             name="resilpool-worker",
         )
         try:
@@ -688,6 +690,9 @@ class Core:
         self._views_dirty = True
         if reason is not ExitReason.SHUTDOWN:
             self._vacated.append(w.pid)  # the replacement starts now, before it leaves
+        if reason is not ExitReason.SHUTDOWN and reason is not ExitReason.MAX_TASKS:
+            # Leave after the running task: the tasks queued behind it come back unstarted.
+            self._slots[w.slot * P.SLOT_FIELDS + P.SLOT_STOP] = P.STOP_RETIRE
         w.outbox += P.encode(P.Retire())
         self._flush(w)
 
@@ -785,10 +790,13 @@ class Core:
         for t in reversed(leftover):
             (self._fresh if t.needs_fresh else self._pending).appendleft(t)
 
+        self_retired = self._slots[w.slot * P.SLOT_FIELDS + P.SLOT_STOP] == P.STOP_SOFT_MEMORY
         if w.kill is not None:
             reason = w.kill[0]
         elif w.retiring is not None and exitcode == 0 and crashed is None:
             reason = w.retiring
+        elif self_retired and exitcode == 0 and crashed is None:
+            reason = ExitReason.SOFT_MEMORY
         elif not w.ready:
             reason = ExitReason.STARTUP
         else:

@@ -7,7 +7,8 @@ Each worker has two one-way pipes and one shared-memory slot::
     task pipe    RunTask*, Retire          ------->  main loop reads frames in order
     result pipe  WorkerReady, TaskSucceeded,
                  TaskFailed, InitializerFailed <---  one frame per message
-    slot         (read at any time)        <-------  [task id, start ns, tasks started]
+    slot         (read at any time)        <-------  [task id, start ns, tasks started, pid]
+                 stop flag                 ------->  checked before each task
     lifeline     EOF when the parent dies  ------->  watchdog thread kills the worker's group
 
 Messages are small frozen dataclasses, one per meaning.  On the wire each is a
@@ -54,12 +55,16 @@ __all__ = [
 HEADER: Final = struct.Struct("<QBqd")  # 64-bit length: a call may pickle to 4 GiB and more
 
 #: Per-worker slot in shared memory: these many int64 fields.
-SLOT_FIELDS: Final = 4
+SLOT_FIELDS: Final = 5
 #: Slot field indexes.
 SLOT_TASK: Final = 0  # id of the task running now; 0 when idle
 SLOT_START_NS: Final = 1  # time.monotonic_ns() when it started
 SLOT_STARTED: Final = 2  # how many tasks this worker has started (the acknowledgement)
 SLOT_PID: Final = 3  # the worker's pid, written once at start
+SLOT_STOP: Final = 4  # leave before starting another task: STOP_RETIRE (set by the parent) or
+# STOP_SOFT_MEMORY (set by the worker itself, over soft_max_rss, as it leaves)
+STOP_RETIRE: Final = 1
+STOP_SOFT_MEMORY: Final = 2
 
 
 class Kind(enum.IntEnum):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import select
 import signal
 import sys
@@ -100,8 +101,14 @@ def main(
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
     close_fds: tuple[int, ...] = (),
+    soft_rss: int | None = None,
 ) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process.
+
+    ``soft_rss`` (bytes): after a task, a worker whose own RSS is above it leaves by
+    itself (slot stop flag ``STOP_SOFT_MEMORY``), so a fast leak is caught between two
+    tasks rather than at the parent's next sample.
+    """
     for fd in close_fds:  # fork start method: the parent's ends we must not hold
         try:
             os.close(fd)
@@ -128,14 +135,23 @@ def main(
             sys.stderr.flush()
             os._exit(3)
     _write_all(out_fd, P.encode(P.WorkerReady()))
-    _serve(task_conn.fileno(), out_fd, slots, base)
+    _serve(task_conn.fileno(), out_fd, slots, base, soft_rss)
     sys.stdout.flush()
     sys.stderr.flush()
     # os._exit: skip atexit handlers and finalizers of user modules that could hang a retiring worker.
     os._exit(0)
 
 
-def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
+def _own_rss() -> int:
+    """Resident memory of this process now, in bytes (Linux: /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak: an upper bound
+
+
+def _serve(in_fd: int, out_fd: int, slots: Any, base: int, soft_rss: int | None = None) -> None:
     reader = P.FrameReader()
     pack = P.HEADER.pack
     RUN, RETIRE, SUCCEEDED, FAILED = P.Kind.RUN, P.Kind.RETIRE, P.Kind.SUCCEEDED, P.Kind.FAILED
@@ -148,6 +164,8 @@ def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
     i_task = base + P.SLOT_TASK
     i_start = base + P.SLOT_START_NS
     i_started = base + P.SLOT_STARTED
+    i_stop = base + P.SLOT_STOP
+    getrusage, RUSAGE_SELF = resource.getrusage, resource.RUSAGE_SELF
     while True:
         data = os.read(in_fd, _READ_SIZE)
         if not data:
@@ -157,6 +175,8 @@ def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
                 if kind == RETIRE:
                     return
                 continue
+            if slots[i_stop]:
+                return  # retired "after the current task": the queued ones were never started
             # The acknowledgement: from here on the parent counts this task as started.
             started += 1
             slots[i_started] = started
@@ -183,3 +203,7 @@ def _serve(in_fd: int, out_fd: int, slots: Any, base: int) -> None:
                 del value
             _write_all(out_fd, frame)
             slots[i_task] = 0
+            # Cheap test first (the peak, one syscall); read the current RSS only past it.
+            if soft_rss is not None and getrusage(RUSAGE_SELF).ru_maxrss * 1024 > soft_rss and _own_rss() > soft_rss:
+                slots[i_stop] = P.STOP_SOFT_MEMORY
+                return

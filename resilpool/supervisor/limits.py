@@ -125,9 +125,21 @@ class Limits:
             else:
                 set_(self, "min_available", parse_size(ma, "Limits.min_available"))
 
-    def needs_monitor(self) -> bool:
+    def sampled_fields(self, *, ignore_default_floor: bool = False) -> list[str]:
+        """The limits set here that need the sampling thread (all but max_tasks)."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "max_tasks" or value is None:
+                continue
+            if ignore_default_floor and f.name == "min_available" and value == f.default:
+                continue
+            out.append(f.name)
+        return out
+
+    def needs_monitor(self, *, ignore_default_floor: bool = False) -> bool:
         """True if any limit needs the sampling thread (all but max_tasks)."""
-        return any(getattr(self, f.name) is not None for f in fields(self) if f.name != "max_tasks")
+        return bool(self.sampled_fields(ignore_default_floor=ignore_default_floor))
 
     def min_available_bytes(self, total_bytes: int) -> int | None:
         """``min_available`` in bytes on a machine with ``total_bytes`` of RAM."""
