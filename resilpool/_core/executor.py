@@ -505,9 +505,11 @@ class Core:
                 return
 
     def _drain_wakeups(self) -> None:
+        # One read: the pipe holds a byte per wake-up since the last drain; were there more
+        # than 64 KiB of them, select() reports it readable again. (A second read that
+        # only says EAGAIN costs a syscall per round trip.)
         try:
-            while os.read(self._wake_r, 4096):
-                pass
+            os.read(self._wake_r, 65536)
         except BlockingIOError:
             pass
 
