@@ -1,0 +1,60 @@
+"""Task functions the benchmark sends to worker processes.
+
+They live in their own small module, not in ``bench.py``, so that a worker
+started by ``spawn``, ``forkserver`` or loky's own start method can import
+them by name: ``bench/run`` puts ``bench/`` on ``PYTHONPATH`` and the driver
+passes that on to every process it starts.  The module imports nothing heavy,
+so a freshly spawned worker pays next to nothing for it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+PAGE = 4096
+
+#: What :func:`leak` keeps alive on purpose: the module-level list is the leak.
+_LEAKED: list[bytearray] = []
+
+
+def add_one(x: int) -> int:
+    """The tiny task: costs nothing, so only the pool's own overhead is timed."""
+    return x + 1
+
+
+def whoami(_: object = None) -> int:
+    """Return the pid of the worker that ran it (finds workers, checks recycling)."""
+    return os.getpid()
+
+
+def sleep_for(seconds: float) -> int:
+    """Keep a worker busy without using CPU (for the monitor-overhead figure)."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def leak(mib: int) -> tuple[int, int]:
+    """Leak ``mib`` MiB on purpose and return ``(pid, peak RSS in bytes)``.
+
+    The buffer is written to, one byte per page, so the pages are really
+    resident: a plain ``bytearray(n)`` comes from ``calloc``/``mmap`` and would
+    not count towards RSS until touched.  The peak is the worker's own
+    ``ru_maxrss``, a cross-check of the sampler in the bench process.
+    """
+    n = mib * 2**20
+    buf = bytearray(n)
+    buf[::PAGE] = b"\x01" * len(range(0, n, PAGE))
+    _LEAKED.append(buf)
+    return os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def echo_loop(conn: object) -> None:
+    """Serve the raw ``multiprocessing.Pipe`` floor: send back whatever arrives until ``None``."""
+    recv, send = conn.recv, conn.send  # type: ignore[attr-defined]
+    while True:
+        item = recv()
+        if item is None:
+            return
+        send(item)
