@@ -1,12 +1,18 @@
-"""Command line: ``resilpool demo``.
+"""Command line: ``resilpool demo``, ``resilpool run`` and ``resilpool report``.
 
-``demo`` runs, in under a minute and with nothing to set up, the kind of job
-resilpool is for: leaky tasks recycled under ``soft_max_rss``, tasks that crash
-their worker and are retried, tasks that hang or run over time and are killed,
-one poison task quarantined.  On a terminal it draws a live view (rich, when
-installed: ``pip install 'resilpool[cli]'``); otherwise it prints plain log
-lines.  It ends with a summary whose last figure is the one that matters:
-lost = 0.
+- ``demo`` runs, in under a minute and with nothing to set up, the kind of job
+  resilpool is for: leaky tasks recycled under ``soft_max_rss``, tasks that crash
+  their worker and are retried, tasks that hang or run over time and are killed,
+  one poison task quarantined.  It ends with a summary whose last figure is the
+  one that matters: lost = 0.
+- ``run MODULE:FUNCTION --input F --output F`` calls a function on every item of a
+  file, unattended, with a journal to resume after a crash (``resilpool._run``).
+- ``report JOURNAL`` summarizes a journal (``resilpool._report``).
+
+On a terminal the commands draw a live view (rich, when installed:
+``pip install 'resilpool[cli]'``); otherwise they print plain log lines
+(``resilpool._view``).  This module only parses arguments: a bad one is a
+one-line error and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,30 +20,74 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import json
 import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _demo
 from ._pool import ResilientPool
-from .events import Event, ExitReason, TaskQuarantined, TaskRetried, WorkerExited
+from ._view import Tally, have_rich, make_view
 from .supervisor.limits import Limits
 
 __all__ = ["main"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``resilpool`` command."""
-    parser = argparse.ArgumentParser(prog="resilpool", description="A supervised, self-healing process pool.")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``resilpool run: error: ... (see --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="resilpool", description="A supervised, self-healing process pool.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="show crash isolation, recycling, timeouts and retries in under a minute")
     demo.add_argument("--tasks", type=int, default=240, help="number of tasks (default 240)")
     demo.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPUs available, at least 2)")
     demo.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
+
+    run = sub.add_parser(
+        "run",
+        help="call MODULE:FUNCTION on every item of a file, resumably",
+        description="Call MODULE:FUNCTION on every item of the input, in supervised workers; write each"
+        " result as a JSON line as soon as it is done. With --journal, rerunning the same command after a"
+        " crash, kill or reboot runs only the items not done. See docs/cli.md.",
+    )
+    run.add_argument("target", metavar="MODULE:FUNCTION", help="the function to call with each item (MODULE may be path/to/file.py)")
+    run.add_argument("--input", "-i", required=True, metavar="FILE", help="items: .jsonl/.json (JSON lines or an array), .csv (rows as dicts), .txt (lines)")
+    run.add_argument("--output", "-o", metavar="FILE", help="results, one JSON line per item: {\"index\", \"input\", \"result\"}")
+    run.add_argument("--format", choices=("jsonl", "json", "csv", "txt"), help="input format (default: from the extension)")
+    run.add_argument("--workers", "-w", type=int, metavar="N", help="worker processes (default: the CPUs available)")
+    run.add_argument("--max-rss", metavar="SIZE", help="kill a worker above this memory (e.g. 2GiB); its item fails (or is retried)")
+    run.add_argument("--soft-max-rss", metavar="SIZE", help="recycle a worker above this memory after its item")
+    run.add_argument("--task-timeout", type=float, metavar="SECONDS", help="kill an item running longer than this")
+    run.add_argument("--stall-timeout", type=float, metavar="SECONDS", help="kill an item whose worker used no CPU for this long")
+    run.add_argument("--max-tasks", type=int, metavar="N", help="replace a worker after N items")
+    run.add_argument("--retry", type=int, default=0, metavar="N", help="run a failed item up to N more times (default 0)")
+    run.add_argument("--journal", "-j", metavar="FILE", help="SQLite journal: rerunning with it resumes (default: none)")
+    run.add_argument("--errors", metavar="FILE", help="failed items, one JSON line each (default: OUTPUT with .errors before the extension)")
+    run.add_argument("--report", metavar="FILE", help="write a JSON report of the journal at the end")
+    run.add_argument("--ordered", action="store_true", help="write results in input order (completed items wait for earlier ones)")
+    run.add_argument("--dry-run", action="store_true", help="run the first item in a worker, print its result, write nothing")
+    run.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
+    run.add_argument("--log-interval", type=float, default=10.0, metavar="SECONDS", help="seconds between plain progress lines (default 10)")
+
+    report = sub.add_parser("report", help="summarize a run journal", description="Summarize a resilpool run journal.")
+    report.add_argument("journal", metavar="JOURNAL", help="the --journal file of a run")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``resilpool`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.tasks < 1:
@@ -45,26 +95,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             parser.error("--workers must be >= 1")
         return run_demo(args.tasks, args.workers, plain=args.plain)
+    if args.command == "run":
+        return _run_command(args, argv)
+    if args.command == "report":
+        return _report_command(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
-class _Tally:
-    """Counts events for the demo's view (called on the pool's event thread)."""
+def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    from ._run import EXIT_USAGE, RunOptions, UsageError, run
 
-    def __init__(self) -> None:
-        self.recent: collections.deque[str] = collections.deque(maxlen=8)
-        self.recycled: collections.Counter[str] = collections.Counter()
+    opts = RunOptions(
+        target=args.target,
+        input=args.input,
+        output=args.output,
+        format=args.format,
+        workers=args.workers,
+        max_rss=args.max_rss,
+        soft_max_rss=args.soft_max_rss,
+        task_timeout=args.task_timeout,
+        stall_timeout=args.stall_timeout,
+        max_tasks=args.max_tasks,
+        retry=args.retry,
+        journal=args.journal,
+        errors=args.errors,
+        report=args.report,
+        ordered=args.ordered,
+        dry_run=args.dry_run,
+        plain=args.plain,
+        log_interval=args.log_interval,
+        argv=["resilpool", *argv],
+    )
+    try:
+        return run(opts)
+    except UsageError as exc:
+        print(f"resilpool run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("resilpool run: interrupted before the run started; nothing was run", file=sys.stderr)
+        return 130
 
-    def __call__(self, event: Event) -> None:
-        stamp = time.strftime("%H:%M:%S")
-        if isinstance(event, WorkerExited):
-            self.recycled[event.reason.value] += 1
-            if event.reason is not ExitReason.SHUTDOWN:
-                self.recent.append(f"{stamp} worker {event.pid} left: {event.reason.value} ({event.detail})")
-        elif isinstance(event, TaskRetried):
-            self.recent.append(f"{stamp} task {event.task_id} retried after attempt {event.attempt}: {event.error[:70]}")
-        elif isinstance(event, TaskQuarantined):
-            self.recent.append(f"{stamp} task {event.task_id} ({event.fn_name}) quarantined after {event.crashes} crashes")
+
+def _report_command(args: argparse.Namespace) -> int:
+    from ._journal import JournalError, open_readonly
+    from ._report import build_report, render_report
+
+    try:
+        conn = open_readonly(args.journal)
+    except JournalError as exc:
+        print(f"resilpool report: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = build_report(conn, os.path.abspath(args.journal))
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print(render_report(report))
+    return 0
 
 
 def _workload(n: int, marker_dir: str) -> list[tuple[str, Any, tuple[Any, ...], int | None]]:
@@ -88,8 +177,8 @@ def run_demo(n_tasks: int = 240, workers: int | None = None, *, plain: bool = Fa
     """Run the demo workload; return 0 when no task was lost."""
     workers = workers or max(2, min(4, os.cpu_count() or 2))
     limits = Limits(soft_max_rss="120MiB", max_rss="1GiB", task_timeout=4.0, stall_timeout=1.5)
-    tally = _Tally()
-    use_rich = not plain and sys.stdout.isatty() and _have_rich()
+    tally = Tally()
+    use_rich = not plain and sys.stdout.isatty() and have_rich()
     if not use_rich:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
@@ -104,10 +193,12 @@ def run_demo(n_tasks: int = 240, workers: int | None = None, *, plain: bool = Fa
         pool.add_listener(tally)
         jobs = _workload(n_tasks, marker_dir)
         futures = {pool.submit(fn, *a, retry=r): kind for kind, fn, a, r in jobs}
-        if use_rich:
-            _live_view(pool, futures, tally)
-        else:
-            _plain_view(pool, futures, t0)
+        view = make_view(pool, tally, total=n_tasks, plain=not use_rich, interval=2.0)
+        pending = set(futures)
+        while pending:
+            _, pending = cf.wait(pending, timeout=0.25)
+            view.update()
+        view.close()
         outcomes: collections.Counter[str] = collections.Counter()
         for fut, kind in futures.items():
             exc = fut.exception(timeout=120)
@@ -125,76 +216,6 @@ def run_demo(n_tasks: int = 240, workers: int | None = None, *, plain: bool = Fa
     print(f"  workers started: {stats.workers_started}; peak worker RSS {stats.peak_worker_rss / 2**20:.0f} MiB")
     print(f"  lost:      {lost}")
     return 0 if lost == 0 else 1
-
-
-def _have_rich() -> bool:
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _plain_view(pool: ResilientPool, futures: dict[cf.Future[Any], str], t0: float) -> None:
-    pending = set(futures)
-    while pending:
-        done, pending = cf.wait(pending, timeout=2.0)
-        s = pool.stats()
-        print(
-            f"{time.monotonic() - t0:6.1f}s  done {s.completed}  failed {s.failed}  running {s.running}"
-            f"  retried {s.retried}  workers {s.workers}  crashes {s.worker_crashes}"
-            f"  recycled {sum(v for k, v in s.recycled.items() if k != 'shutdown')}",
-            flush=True,
-        )
-
-
-def _live_view(pool: ResilientPool, futures: dict[cf.Future[Any], str], tally: _Tally) -> None:
-    from rich.console import Group
-    from rich.live import Live
-    from rich.panel import Panel
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    progress = Progress(
-        TextColumn("[bold]tasks"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>6.1f}/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    bar = progress.add_task("tasks", total=len(futures), rate=0.0)
-    t0 = time.monotonic()
-
-    def render() -> Group:
-        s = pool.stats()
-        resolved = s.completed + s.failed
-        progress.update(bar, completed=resolved, rate=resolved / max(1e-9, time.monotonic() - t0))
-        table = Table(title="workers", expand=True)
-        for col in ("pid", "RSS MiB", "CPU %", "task", "running s", "tasks", "age s"):
-            table.add_column(col, justify="right")
-        now = time.monotonic()
-        for w in pool.workers():
-            table.add_row(
-                str(w.pid),
-                "-" if w.rss is None else f"{w.rss / 2**20:.0f}",
-                "-" if w.cpu_percent is None else f"{w.cpu_percent:.0f}",
-                "-" if w.task_id is None else str(w.task_id),
-                "-" if w.running_since is None else f"{now - w.running_since:.1f}",
-                str(w.tasks_done),
-                f"{w.age_s:.0f}",
-            )
-        recycled = ", ".join(f"{k} {v}" for k, v in sorted(tally.recycled.items())) or "none"
-        summary = f"done {s.completed}  failed {s.failed}  retried {s.retried}  crashes {s.worker_crashes}  recycled: {recycled}"
-        events = Panel("\n".join(tally.recent) or "(none yet)", title="recent events")
-        return Group(progress, table, summary, events)
-
-    pending = set(futures)
-    with Live(render(), refresh_per_second=4, transient=False) as live:
-        while pending:
-            _, pending = cf.wait(pending, timeout=0.25)
-            live.update(render())
 
 
 if __name__ == "__main__":  # pragma: no cover

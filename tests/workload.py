@@ -162,7 +162,7 @@ def count_and_kill(path: str, tag: Any = None) -> None:
 
 
 def count_and_wait(path: str, release: str, timeout: float = 30.0) -> int:
-    """Count a run in ``path`` (its existence says the task started), block until ``release`` exists."""
+    """Count a run in ``path`` (a recorded line says the task started), block until ``release`` exists."""
     _count(path)
     wait_for_file(release, timeout)
     return os.getpid()
@@ -181,6 +181,28 @@ def hang_first_time(marker: str, value: Any = None) -> Any:
 def crash_first_time_own_retry(marker: str, *, retry: Any) -> Any:
     """Like crash_first_time, for a function whose own parameter is called ``retry``."""
     return crash_first_time(marker, ("own retry", retry))
+
+
+def count_wait_raise(path: str, release: str, timeout: float = 30.0) -> None:
+    """Count a run in ``path``, block until ``release`` exists, then raise ValueError."""
+    n = _count(path)
+    wait_for_file(release, timeout)
+    raise ValueError(f"run {n} failed")
+
+
+def init_ok_once(flag: str) -> None:
+    """An initializer that succeeds in the first worker only (it creates ``flag``) and fails in every later one."""
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RuntimeError("initializer failed: not the first worker") from None
+    os.close(fd)
+
+
+def fail_init_when(release: str, msg: str = "initializer exploded") -> None:
+    """An initializer that fails, but only once ``release`` exists (a test holds start-up open)."""
+    wait_for_file(release)
+    raise RuntimeError(msg)
 
 
 # --- for tests/test_supervisor.py ------------------------------------------------
