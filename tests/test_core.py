@@ -422,3 +422,20 @@ def test_pool_broken_for_good_when_rebuilds_keep_failing(make_pool) -> None:
     wait_until(lambda: pool.stats().broken, what="pool marked broken")
     with pytest.raises(cf.process.BrokenProcessPool, match="could not be rebuilt"):
         pool.submit(workload.inc, 1)
+
+
+def test_shutdown_cancel_futures_gives_up_waiting_retries(make_pool) -> None:
+    from tenacity import stop_after_attempt, wait_fixed
+
+    from resilpool import RetryPolicy
+
+    pool = make_pool(1)
+    retried = threading.Event()
+    pool.add_listener(lambda e: retried.set() if type(e).__name__ == "TaskRetried" else None)
+    policy = RetryPolicy(stop=stop_after_attempt(3), wait=wait_fixed(600))
+    fut = pool.submit(workload.raise_value_error, "first attempt", retry=policy)
+    assert retried.wait(T)  # now waiting 600 s for its second attempt
+    pool.shutdown(wait=True, cancel_futures=True)  # would wait 600 s if the retry were kept
+    with pytest.raises(ValueError, match="first attempt") as info:
+        fut.result(timeout=T)
+    assert any("cancel_futures" in n for n in info.value.__notes__)

@@ -116,6 +116,9 @@ class Task:
         "retry_state",
         "first_start",
         "timeout",
+        "due",
+        "last_error",
+        "last_worker",
     )
 
     def __init__(
@@ -143,6 +146,9 @@ class Task:
         self.notes: list[str] | None = None
         self.retry_state: Any = None
         self.first_start: float | None = None
+        self.due: float | None = None  # when a retry waiting for its backoff may run
+        self.last_error: BaseException | None = None  # the failed attempt a waiting retry follows
+        self.last_worker: tuple[int, float] | None = None  # (pid, elapsed) if a rebuild interrupted it
 
     @property
     def fn_name(self) -> str:
@@ -536,7 +542,8 @@ class Core:
             deadlines.append(self._respawn_at)
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        # Clamped: select() refuses timeouts of about 25 days and more.
+        return min(86400.0, max(0.0, min(deadlines) - time.monotonic()))
 
     def _publish_views(self) -> None:
         if not self._views_dirty:
@@ -861,7 +868,9 @@ class Core:
                 self._fail(t, _copy_error(err))
         while self._timers:
             _, _, t = heapq.heappop(self._timers)
-            self._fail(t, _copy_error(err))
+            e = _copy_error(err)
+            self._add_notes(e, t, None)  # its earlier attempts
+            self._fail(t, e)
         self._take_submitted()
         while self._pending:
             self._fail(self._pending.popleft(), _copy_error(err))
@@ -897,7 +906,9 @@ class Core:
                 log.info("task %d (fn=%s) attempt %d failed (%s); retrying in %.2fs", task.id, task.fn_name, task.attempt - 1, what, delay)
                 self._emit(TaskRetried(task_id=task.id, attempt=task.attempt - 1, delay_s=delay, error=what))
                 if delay > 0:
-                    heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), task))
+                    task.due = time.monotonic() + delay
+                    task.last_error = err
+                    heapq.heappush(self._timers, (task.due, next(self._timer_seq), task))
                 else:
                     (self._fresh if task.needs_fresh else self._pending).appendleft(task)
                 return
@@ -950,17 +961,24 @@ class Core:
         elif cls is _Shutdown:
             self._begin_drain(cmd.cancel_futures)
         elif cls is _Adopt:
+            now = time.monotonic()
             for t in cmd.unstarted:
                 self._tasks[t.id] = t
-                (self._fresh if t.needs_fresh else self._pending).append(t)
+                if t.due is not None and t.due > now:  # keep what is left of its backoff
+                    heapq.heappush(self._timers, (t.due, next(self._timer_seq), t))
+                else:
+                    (self._fresh if t.needs_fresh else self._pending).append(t)
             for t in cmd.interrupted:
                 self._tasks[t.id] = t
+                pid, elapsed = t.last_worker or (None, 0.0)
                 err = errors.WorkerCrashedError(
-                    f"task {t.id} (fn={t.fn_name}) was running when the pool's core broke and was rebuilt",
+                    f"task {t.id} (fn={t.fn_name}) was running on worker {pid} when the pool's core broke"
+                    " and was rebuilt",
+                    pid=pid,
                     task_id=t.id,
                     fn_name=t.fn_name,
                 )
-                self._attempt_failed(t, err, None, 0.0, died=True, blamed=False)
+                self._attempt_failed(t, err, pid, elapsed, died=True, blamed=False)
         elif cls is _Break:
             raise CoreBrokenForTest("core broken on purpose by the test hook")
 
@@ -997,6 +1015,14 @@ class Core:
     def _begin_drain(self, cancel_futures: bool) -> None:
         self._draining = True
         if cancel_futures:
+            # Retries waiting for their backoff have not started: give up on them now, with
+            # the error of the attempt that failed (their futures run, so cannot be cancelled).
+            while self._timers:
+                _, _, t = heapq.heappop(self._timers)
+                e = t.last_error or errors.ResilpoolError(f"task {t.id} was waiting to be retried")
+                e.add_note("retry not run: shutdown(cancel_futures=True)")
+                self._add_notes(e, t, None)
+                self._fail(t, e)
             keep: deque[Task] = deque()
             for t in self._pending:
                 if t.first_start is None and t.future.cancel():
@@ -1072,6 +1098,8 @@ class Core:
             running = None
             if started > w.answered and w.outstanding:
                 running = w.outstanding.popleft()
+                start_ns = self._slots[w.slot * P.SLOT_FIELDS + P.SLOT_START_NS]
+                running.last_worker = (w.pid, max(0.0, time.monotonic() - start_ns / 1e9) if start_ns else 0.0)
                 interrupted.append(running)
             self.recycled[ExitReason.REBUILD.value] += 1
             self._emit(
