@@ -58,3 +58,21 @@ def echo_loop(conn: object) -> None:
         if item is None:
             return
         send(item)
+
+
+def cross_and_hold(limit_bytes: int, mark: str) -> None:
+    """Grow 8 MiB at a time; the moment RSS passes ``limit_bytes``, write ``time.monotonic()``
+    (system-wide on Linux) to ``mark``, then hold the memory until killed."""
+    held = []
+    while True:
+        block = bytearray(8 * 2**20)
+        for i in range(0, len(block), PAGE):
+            block[i] = 1
+        held.append(block)
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * PAGE
+        if rss > limit_bytes:
+            with open(mark, "w") as f:
+                f.write(repr(time.monotonic()))
+            time.sleep(60)
+            return
