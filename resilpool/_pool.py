@@ -35,7 +35,7 @@ from typing import Any, TypeVar, final
 
 from . import errors
 from ._core import executor as _exec
-from ._core.serialization import Serializer, serialize_task
+from ._core.serialization import Serializer, _cloudpickle, serialize_task
 from ._core.worker import call_chunk
 from .events import CoreRebuilt, Event, PoolStats, WorkerInfo
 from .retry import RetryPolicy, RetrySpec
@@ -193,6 +193,10 @@ class ResilientPool(Executor):
         if serializer not in ("auto", "pickle", "cloudpickle"):
             raise ValueError(f"serializer must be 'auto', 'pickle' or 'cloudpickle', got {serializer!r}")
         self._serializer: Serializer = serializer
+        if serializer != "pickle":
+            # Import now, not lazily in a submitting thread: a worker forked while another
+            # thread holds an import lock would deadlock on it.
+            _cloudpickle()
         self._ctx = _resolve_context(mp_context)
         self._fork = self._ctx.get_start_method() == "fork"
         # Test seam (resilpool.testing): maps (fn, args, kwargs) to the call actually sent.

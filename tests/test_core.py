@@ -378,6 +378,27 @@ def test_interactive_main_functions_run() -> None:
     assert "result [0, 2, 4, 6]" in r.stdout
 
 
+def test_interactive_main_classes_as_arguments_and_results(start_method: str) -> None:
+    """Instances of a class defined in an interactive __main__ go both ways (cloudpickle by value)."""
+    r = _run_script(
+        f"""
+        import workload
+        from resilpool import ResilientPool
+        class Point:
+            def __init__(self, x):
+                self.x = x
+        def make(x):
+            return Point(x)
+        with ResilientPool(1, mp_context={start_method!r}) as pool:
+            p = pool.submit(workload.identity, Point(3)).result(timeout=30)
+            q = pool.submit(make, 4).result(timeout=30)
+            print("result", p.x, q.x, type(q).__name__)
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    assert "result 3 4 Point" in r.stdout
+
+
 def test_bad_serializer_rejected() -> None:
     with pytest.raises(ValueError, match="serializer"):
         ResilientPool(1, serializer="json")  # type: ignore[arg-type]

@@ -1043,8 +1043,7 @@ class Core:
             for w in list(self._workers.values()):
                 if w.retiring is None:
                     self._retire(w, ExitReason.SHUTDOWN)
-                else:
-                    w.retiring = ExitReason.SHUTDOWN
+                # A worker already leaving (soft_memory, max_tasks...) keeps its reason.
         if not self._workers:
             return True
         if time.monotonic() - self._stopping_since > _STOP_GRACE_S:

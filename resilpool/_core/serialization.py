@@ -48,8 +48,7 @@ def _needs_by_value(fn: Any, fork: bool) -> bool:
     if fork:  # a forked worker has the parent's __main__ in memory
         return False
     if getattr(fn, "__module__", None) == "__main__":
-        main = sys.modules.get("__main__")
-        return getattr(main, "__file__", None) is None
+        return _interactive_main()
     return False
 
 
@@ -83,7 +82,7 @@ def serialize_task(
                 task_id=task_id,
             )
     try:
-        return pickle.dumps(call, _HIGHEST)
+        body = pickle.dumps(call, _HIGHEST)
     except Exception as exc:
         cp = _cloudpickle() if mode == "auto" else None
         if cp is not None:
@@ -92,6 +91,24 @@ def serialize_task(
             except Exception:
                 pass
         raise _error(task_id, target or fn, args, kwargs, exc, cp) from exc
+    if mode == "auto" and not fork and _MAIN_REF in body and _interactive_main():
+        # Something in the call (an argument's class, say) lives in a __main__ that the
+        # worker cannot import: send the call by value if we can.
+        cp = _cloudpickle()
+        if cp is not None:
+            try:
+                return bytes(cp.dumps(call, protocol=_HIGHEST))
+            except Exception:
+                pass
+    return body
+
+
+#: How pickle names the module of a class or function from ``__main__`` (SHORT_BINUNICODE).
+_MAIN_REF = b"\x8c\x08__main__"
+
+
+def _interactive_main() -> bool:
+    return getattr(sys.modules.get("__main__"), "__file__", None) is None
 
 
 def _error(task_id: int, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], exc: BaseException, cp: Any) -> errors.SerializationError:

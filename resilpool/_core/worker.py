@@ -142,6 +142,15 @@ def main(
     os._exit(0)
 
 
+def _dumps_by_value(value: Any) -> bytes:
+    """Second try for a result the stdlib pickler refused: cloudpickle, if installed."""
+    try:
+        import cloudpickle
+    except ImportError:
+        raise pickle.PicklingError("the stdlib pickler refused it and cloudpickle is not installed") from None
+    return bytes(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _own_rss() -> int:
     """Resident memory of this process now, in bytes (Linux: /proc/self/statm)."""
     try:
@@ -195,7 +204,10 @@ def _serve(in_fd: int, out_fd: int, slots: Any, base: int, soft_rss: int | None 
             else:
                 elapsed = perf() - t0
                 try:
-                    out = dumps(value, HIGHEST)
+                    try:
+                        out = dumps(value, HIGHEST)
+                    except Exception:
+                        out = _dumps_by_value(value)  # e.g. an instance of a notebook class
                     frame = pack(len(out), SUCCEEDED, task_id, elapsed) + out
                 except BaseException as exc:
                     out = P.error_payload(_result_pickling_error(exc, task_id))
