@@ -122,6 +122,9 @@ class RetryPolicy:
             action = retrying.iter(state)
         except BaseException as exc:
             if exc is error:  # tenacity re-raised the outcome: stop, or not retryable
+                # The re-raise gave it a traceback through the pool's manager thread; dropped,
+                # it would pin those frames (and a dead worker's pipes) for as long as it lives.
+                error.__traceback__ = None
                 return None
             if not isinstance(exc, Exception):
                 raise

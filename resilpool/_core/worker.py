@@ -51,6 +51,24 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL us when our parent process dies.
+
+    A second line behind the watchdog thread, which cannot run while the worker is
+    stopped (SIGSTOP, a debugger): SIGKILL reaches a stopped process. Our parent is
+    the pool's process (fork, spawn) or the forkserver, which exits with it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _watch_parent(lifeline_fd: int) -> None:
     # The parent never writes to the lifeline; readable means EOF: the parent is gone.
     while True:
@@ -118,6 +136,7 @@ def main(
         os.setpgid(0, 0)  # lead our own group: a kill takes the task's subprocesses too
     except OSError:
         pass
+    _die_with_parent()
     base = slot_index * P.SLOT_FIELDS
     slots[base + P.SLOT_TASK] = 0
     slots[base + P.SLOT_PID] = os.getpid()
