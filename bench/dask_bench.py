@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from distributed import Client, LocalCluster
 
     from resilpool import ResilientPool
-    from resilpool.dask import DaskBackend, _keep_restarted_workers
+    from resilpool.dask import DaskBackend
 
     load0 = os.getloadavg()
     rows: dict[str, list[float]] = {}
@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         dashboard_address=None,
         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
     ) as cluster:
-        _keep_restarted_workers(cluster)
         with Client(cluster, set_as_default=False) as client, ResilientPool(2, backend=DaskBackend(cluster)) as pool:
             # Warm up both paths (imports in the workers, the ledger plugin, connections).
             plain_tiny(client, 200)

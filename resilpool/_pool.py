@@ -220,7 +220,12 @@ class ResilientPool(Executor):
         self._rebuild_breaker = CrashLoopBreaker(5, 60.0)
         self._events = _EventBus("resilpool")
         self._backend = backend
-        self._core = self._new_core()
+        self._monitor_interval = monitor_interval
+        try:
+            self._core = self._new_core()
+        except BaseException:
+            self._events.close()  # a backend that cannot start must not leak the event thread
+            raise
         # A backend samples its own workers (they are not our children); locally, the Monitor does.
         self._monitor: Any
         if backend is not None:

@@ -100,6 +100,7 @@ class RunOptions:
         errors: str | None = None,
         report: str | None = None,
         ordered: bool = False,
+        scheduler: str | None = None,
         dry_run: bool = False,
         plain: bool = False,
         log_interval: float = 10.0,
@@ -120,6 +121,7 @@ class RunOptions:
         self.errors = errors
         self.report = report
         self.ordered = ordered
+        self.scheduler = scheduler
         self.dry_run = dry_run
         self.plain = plain
         self.log_interval = log_interval
@@ -419,7 +421,7 @@ class _Runner:
             logging.basicConfig(level=logging.WARNING, stream=self.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         earlier = f", {len(self.done_before)} done earlier" if self.done_before else ""
         t0 = time.monotonic()
-        with self._signals(), ResilientPool(opts.workers, limits=self.limits, retry=opts.retry or None) as pool:
+        with self._signals(), ResilientPool(opts.workers, limits=self.limits, retry=opts.retry or None, backend=_backend(opts)) as pool:
             self.pool = pool
             run_id = self.run_id = self.journal.begin_run(opts.argv, pool.max_workers)
             journal = f"journal {opts.journal} (run {run_id})" if opts.journal else "no journal"
@@ -817,7 +819,7 @@ def dry_run(opts: RunOptions, *, stdout: IO[str], stderr: IO[str]) -> int:
     if isinstance(item.value, Malformed):
         print(f"resilpool run --dry-run: item 0 (line {item.line}) is malformed: {item.value.error_type}: {item.value.message}", file=stderr)
         return EXIT_FAILED
-    with ResilientPool(1, limits=limits, retry=opts.retry or None) as pool:
+    with ResilientPool(1, limits=limits, retry=opts.retry or None, backend=_backend(opts)) as pool:
         fut = pool.submit(fn, item.value)
         error = _wait_exception(fut)
     if error is not None:
@@ -832,3 +834,15 @@ def dry_run(opts: RunOptions, *, stdout: IO[str], stderr: IO[str]) -> int:
     print(f'{{"index": 0, "input": {item.input_json}, "result": {text}}}', file=stdout, flush=True)
     print(f"resilpool run --dry-run: done in worker {pid} in {elapsed:.3f}s (peak RSS {peak / 2**20:.0f} MiB); nothing written", file=stderr)
     return EXIT_OK
+
+
+def _backend(opts: RunOptions) -> Any:
+    """The Dask backend for ``--scheduler`` (an address, or ``local``), else None (local workers)."""
+    if opts.scheduler is None:
+        return None
+    try:
+        from .dask import DaskBackend
+
+        return DaskBackend(None if opts.scheduler == "local" else opts.scheduler)
+    except ImportError as exc:
+        raise UsageError(f"--scheduler needs the Dask extra: pip install 'resilpool[dask]' ({exc})") from None

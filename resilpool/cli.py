@@ -73,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--journal", "-j", metavar="FILE", help="SQLite journal: rerunning with it resumes (default: none)")
     run.add_argument("--errors", metavar="FILE", help="failed items, one JSON line each (default: OUTPUT with .errors before the extension)")
     run.add_argument("--report", metavar="FILE", help="write a JSON report of the journal at the end")
+    run.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run items on a Dask cluster: a scheduler address, or 'local' for a LocalCluster (needs resilpool[dask]); the journal stays here",
+    )
     run.add_argument("--ordered", action="store_true", help="write results in input order (completed items wait for earlier ones)")
     run.add_argument("--dry-run", action="store_true", help="run the first item in a worker, print its result, write nothing")
     run.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
@@ -121,6 +126,7 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
         errors=args.errors,
         report=args.report,
         ordered=args.ordered,
+        scheduler=args.scheduler,
         dry_run=args.dry_run,
         plain=args.plain,
         log_interval=args.log_interval,

@@ -16,7 +16,7 @@ Data flow::
                  client.map(run_attempt, keys, bodies) ── update-graph ──> queue, place ──> run_attempt(key, body):
                                                                           AttemptLedger <── 1. claim RPC: first start of
                                                                           (plugin)     ──>    this key? else refuse
-                 one watcher per attempt <── (kind, elapsed, bytes) ────────────────────── 2. loads body, fn(*args)
+                 watchers + one batched gather <── (kind, elapsed, bytes, pid) ─────────── 2. loads body, fn(*args)
                  futures resolved here (done-callbacks run on this thread)                   3. pickled result or
                                                                                                 error payload
                  supervise() every interval ── resilpool_status ──> ledger: running attempts,
@@ -160,11 +160,11 @@ _INITIALIZED: set[str] = set()  # init tokens whose initializer ran in this work
 _INIT_FAILED: dict[str, bytes] = {}
 
 
-def run_attempt(key: str, body: bytes, *, owner: str, init: bytes | None = None, init_token: str = "") -> tuple[int, float, bytes]:
+def run_attempt(key: str, body: bytes, *, owner: str, init: bytes | None = None, init_token: str = "") -> tuple[int, float, bytes, int]:
     """The Dask task of one attempt: claim its start, then run the call; runs in a Dask worker.
 
-    Returns ``(kind, elapsed_s, body)``: kind SUCCEEDED with the pickled result, or
-    FAILED with an error payload, exactly as a local worker's result frame.
+    Returns ``(kind, elapsed_s, body, pid)``: kind SUCCEEDED with the pickled result, or
+    FAILED with an error payload, as a local worker's result frame.
     """
     worker = distributed.get_worker()
     address = worker.address
@@ -203,12 +203,16 @@ def run_attempt(key: str, body: bytes, *, owner: str, init: bytes | None = None,
             raise worker_module._unpickling_error(exc, _task_id(key)) from exc
         value = fn(*args, **kwargs)
     except BaseException as exc:
-        return _FAILED, time.perf_counter() - t0, P.error_payload(exc)
+        return _FAILED, time.perf_counter() - t0, P.error_payload(exc), pid
     elapsed = time.perf_counter() - t0
     try:
-        return _SUCCEEDED, elapsed, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        try:
+            out = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            out = worker_module._dumps_by_value(value)  # as a local worker: e.g. a notebook class
+        return _SUCCEEDED, elapsed, out, pid
     except BaseException as exc:
-        return _FAILED, elapsed, P.error_payload(worker_module._result_pickling_error(exc, _task_id(key)))
+        return _FAILED, elapsed, P.error_payload(worker_module._result_pickling_error(exc, _task_id(key))), pid
 
 
 def _task_id(key: str) -> int:
@@ -234,12 +238,13 @@ def kill_worker_process(expected_pid: int, dask_worker: Any = None) -> str:
 
 
 class _Rec:
-    __slots__ = ("before", "owner", "pid", "state", "t0", "worker")
+    __slots__ = ("address", "before", "owner", "pid", "state", "t0", "worker")
 
     def __init__(self, owner: str, state: int, worker: str | None, pid: int | None, before: int) -> None:
         self.owner = owner
         self.state = state
-        self.worker = worker
+        self.address = worker  # where it started (kept for reports)
+        self.worker = worker  # the same while that worker is in the cluster and counts it as live
         self.pid = pid
         self.t0 = time.monotonic()
         self.before = before
@@ -316,7 +321,7 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
         if rec is not None:
             if rec.state == _CANCELLED:
                 return {"op": "cancelled"}
-            return {"op": "refused", "worker": rec.worker, "pid": rec.pid, "before": rec.before, "elapsed": time.monotonic() - rec.t0}
+            return {"op": "refused", "worker": rec.address, "pid": rec.pid, "before": rec.before, "elapsed": time.monotonic() - rec.t0}
         if worker in self.retiring or worker not in self.scheduler.workers:
             return {"op": "reschedule"}
         n = self.starts.get(worker, 0)
@@ -507,10 +512,17 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
         task.add_done_callback(self._background.discard)
 
     async def _restart(self, worker: str) -> None:
+        s = self.scheduler
         try:
-            await self.scheduler.restart_workers(
-                [worker], stimulus_id=f"resilpool-restart-{time.time()}", wait_for_workers=False, on_error="return"
-            )
+            if hasattr(s, "restart_workers"):
+                await s.restart_workers([worker], stimulus_id=f"resilpool-restart-{time.time()}", wait_for_workers=False, on_error="return")
+                return
+            # Older distributed: ask the nanny to kill its worker; it starts a new one.
+            ws = s.workers.get(worker)
+            if ws is not None and ws.nanny:
+                await s.rpc(ws.nanny).kill()
+            elif ws is not None:
+                await s.remove_worker(worker, close=True, stimulus_id=f"resilpool-restart-{time.time()}")
         except Exception:
             log.error("resilpool ledger: restarting %s failed", worker, exc_info=True)
 
@@ -674,6 +686,7 @@ class DaskCore:
         self._next_poll = 0.0
         self._background: set[asyncio.Task[Any]] = set()
         self._salvaged: tuple[list[Task], list[Task]] | None = None
+        self._failing = False
         self._failed_over = False
         self._connect_timeout_s = connect_timeout_s
 
@@ -816,16 +829,30 @@ class DaskCore:
         self._aloop = asyncio.get_running_loop()
         self._wake_event = asyncio.Event()
         make_client: Callable[..., Any] = distributed.Client
-        self._client = await asyncio.wait_for(
-            make_client(
-                self._address, asynchronous=True, security=self._security, set_as_default=False, name=f"resilpool-{self._token}"
-            ),
-            self._connect_timeout_s,
+        client = make_client(
+            self._address,
+            asynchronous=True,
+            security=self._security,
+            set_as_default=False,
+            name=f"resilpool-{self._token}",
+            timeout=self._connect_timeout_s,
         )
+        try:
+            await client
+        except BaseException:
+            try:  # close it here, on its loop: left to its finalizer it would find the loop closed
+                await asyncio.wait_for(client.close(), 5.0)
+            except Exception:
+                pass
+            raise
+        self._client = client
         try:
             client = self._client
             self._owner = client.id
-            await client.register_plugin(AttemptLedger(), name=LEDGER_NAME)
+            if hasattr(client, "register_plugin"):
+                await client.register_plugin(AttemptLedger(), name=LEDGER_NAME)
+            else:  # distributed < 2023.9
+                await client.register_scheduler_plugin(AttemptLedger(), name=LEDGER_NAME, idempotent=True)
             client.subscribe_topic(TOPIC_PREFIX + self._owner, self._on_ledger_event)
             await client.scheduler.resilpool_register(owner=self._owner, max_tasks=self._max_tasks)
             await self._poll()  # the workers as they are now
@@ -957,6 +984,8 @@ class DaskCore:
         # results are then fetched in batches (one gather for all that finished meanwhile).
         while fut.status == "pending":
             await fut._state.wait()
+        if self._failing:
+            return
         self._ready.append(att)
         if not self._collecting:
             self._collecting = True
@@ -964,7 +993,7 @@ class DaskCore:
 
     async def _collect(self) -> None:
         try:
-            while self._ready:
+            while self._ready and not self._failing:
                 batch = [a for a in self._ready if self._inflight.get(a.key) is a]
                 self._ready.clear()
                 done = [a for a in batch if a.future.status == "finished"]
@@ -975,8 +1004,8 @@ class DaskCore:
                     except Exception:
                         log.debug("resilpool: batched gather failed; fetching one by one", exc_info=True)
                 for a in batch:
-                    if self._inflight.get(a.key) is not a:
-                        continue  # settled meanwhile (a worker's departure)
+                    if self._failing or self._inflight.get(a.key) is not a:
+                        continue  # settled meanwhile (a worker's departure), or the core is failing over
                     value = values.get(a.key)
                     if value is not None:
                         self._on_result(a, value)
@@ -986,10 +1015,10 @@ class DaskCore:
                     except asyncio.CancelledError:
                         raise
                     except BaseException as exc:
-                        if self._inflight.get(a.key) is a:
+                        if not self._failing and self._inflight.get(a.key) is a:
                             self._on_dask_error(a, exc)
                     else:
-                        if self._inflight.get(a.key) is a:
+                        if not self._failing and self._inflight.get(a.key) is a:
                             self._on_result(a, value)
                 self._kick()
         finally:
@@ -1012,7 +1041,7 @@ class DaskCore:
         self._settle(att)
         task = att.task
         try:
-            kind, elapsed, body = value
+            kind, elapsed, body, pid = value
         except (TypeError, ValueError):
             self._attempt_failed(task, errors.ResilpoolError(f"unexpected result from a Dask worker: {value!r:.80}"), None, 0.0, died=False, blamed=False)
             return
@@ -1028,13 +1057,13 @@ class DaskCore:
                     task_id=task.id,
                 )
                 err.__cause__ = exc
-                self._attempt_failed(task, err, None, elapsed, died=False, blamed=False)
+                self._attempt_failed(task, err, pid, elapsed, died=False, blamed=False)
                 return
             self._forget(task)
             self.stats["completed"] += 1
             _resolve(task.future, result, None)
         else:
-            self._attempt_failed(task, P.rebuild_error(body), None, elapsed, died=False, blamed=False)
+            self._attempt_failed(task, P.rebuild_error(body), pid, elapsed, died=False, blamed=False)
 
     def _on_dask_error(self, att: _Attempt, exc: BaseException) -> None:
         task = att.task
@@ -1077,9 +1106,16 @@ class DaskCore:
         self._attempt_failed(task, err, None, 0.0, died=True, blamed=False)
 
     def _blamed(self, att: _Attempt, before: int) -> bool:
+        """Does this death count toward the task's quarantine?
+
+        As locally: yes if the task was the first its worker started.  Dask chooses the
+        worker, so a retry is not routed to a fresh one after an unblamed death; instead
+        the death that follows an unblamed one is blamed (``needs_fresh`` marks the task),
+        which is where the local routing leads too.
+        """
         if att.key in self._doomed:
             return False  # a timeout or stall kill never counts toward quarantine (memory does, below)
-        return blame(before)
+        return blame(before) or att.task.needs_fresh
 
     def _death_error(self, att: _Attempt, worker: str | None, pid: int | None, elapsed: float) -> BaseException:
         make = self._doomed.get(att.key)
@@ -1089,6 +1125,8 @@ class DaskCore:
 
     def _on_ledger_event(self, event: Any) -> None:
         # Runs on the core thread (the client's loop is ours).
+        if self._failing:
+            return
         try:
             _, msg = event
             op = msg.get("op")
@@ -1133,7 +1171,7 @@ class DaskCore:
             self._publish_views()
         for att, before, elapsed in lost:
             # A memory kill counts toward quarantine like a crash; a timeout or stall never does.
-            blamed = blame(before) if reason is ExitReason.MEMORY else self._blamed(att, before)
+            blamed = blame(before) or att.task.needs_fresh if reason is ExitReason.MEMORY else self._blamed(att, before)
             err = self._death_error(att, address, pid, elapsed)
             self._settle(att)
             self._attempt_failed(att.task, err, pid, elapsed, died=True, blamed=blamed)
@@ -1163,6 +1201,8 @@ class DaskCore:
                     task.notes = []
                 task.notes.append(note)
                 task.attempt += 1
+                if died and not blamed:
+                    task.needs_fresh = True  # maybe the old worker's fault; the next death is the task's
                 self.stats["retried"] += 1
                 log.info("task %d (fn=%s) attempt %d failed (%s); retrying in %.2fs", task.id, task.fn_name, task.attempt - 1, what, delay)
                 self._emit(TaskRetried(task_id=task.id, attempt=task.attempt - 1, delay_s=delay, error=what))
@@ -1284,7 +1324,10 @@ class DaskCore:
             self._next_poll = time.monotonic() + self._backend.monitor_interval_s
 
     async def _poll(self) -> None:
+        known = set(self._workers)  # a worker added by an event while we wait may be newer than the answer
         st = await asyncio.wait_for(self._client.scheduler.resilpool_status(owner=self._owner), _RPC_TIMEOUT_S)
+        if self._failing:
+            return
         now = time.monotonic()
         limits = self._limits
         samples: dict[int, Sample] = {}
@@ -1342,7 +1385,7 @@ class DaskCore:
                 elif att.key not in self._doomed:
                     self._kill(w, att.key, action.reason, _error_factory(action, w))
                     break
-        for address in [a for a in self._workers if a not in seen]:
+        for address in [a for a in self._workers if a in known and a not in seen]:
             # Gone without a removal event reaching us (e.g. before we subscribed).
             self._on_worker_removed({"worker": address, "pid": self._workers[address].pid, "reason": None, "lost": []})
         self.samples = samples
@@ -1407,14 +1450,11 @@ class DaskCore:
     # --- break and salvage -------------------------------------------------------------
 
     async def _fail_over(self, exc: BaseException) -> None:
+        self._failing = True  # from here on no outcome or event touches the tables
         with self._lock:
             self._accepting = False
             submitted = list(self._submitted)
             self._submitted.clear()
-        unstarted: list[Task] = [*self._pending, *(t for _, _, t in sorted(self._timers)), *submitted]
-        self._pending.clear()
-        self._timers.clear()
-        interrupted: list[Task] = []
         keys = list(self._inflight)
         cancelled: set[str] = set()
         if keys:
@@ -1422,6 +1462,10 @@ class DaskCore:
                 cancelled = set(await self._rpc("resilpool_cancel", keys=keys, owner=self._owner))
             except Exception:
                 log.error("resilpool: could not ask the ledger which attempts started", exc_info=True)
+        unstarted: list[Task] = [*self._pending, *(t for _, _, t in sorted(self._timers)), *submitted]
+        self._pending.clear()
+        self._timers.clear()
+        interrupted: list[Task] = []
         for key in keys:
             att = self._inflight[key]
             self._settle(att)
