@@ -427,8 +427,8 @@ class FaultInjector:
                 fault.label = f"<label failed: {exc!r}>"
             self.faults.append(fault)
             self._by_label[fault.label].append(fault)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s", fault.line())
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", fault.line())  # when drawn; a process fault is logged again when it fires
         if spec is None:
             return fn, args, kwargs
         return _faulty_call, (spec, fn, args, kwargs), {}
