@@ -106,6 +106,7 @@ def test_plugin_reports_seed_and_replay(pytester: Any) -> None:
     assert "SEED 1234" in out
     assert "chaos seed=1234 rate=1: 1 submissions, 1 faults fired (delay=1) of 1 drawn" in out
     assert "replay: cd " in out and "test_sample.py::test_fails_under_chaos --chaos-seed=1234" in out
+    assert "FAILED test_sample.py::test_fails_under_chaos with chaos seed=1234; replay:" in out  # terminal summary
 
 
 @pytest.mark.timeout(120)

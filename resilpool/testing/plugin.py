@@ -211,12 +211,12 @@ def chaos(request: pytest.FixtureRequest) -> Iterator[Chaos]:
     config = request.config
     c = Chaos(config.stash[_SEED], config.getoption("chaos_rate", None), request.node.nodeid, config)
     request.node.stash[_CHAOS] = c
+    request.node.user_properties.append(("chaos_seed", c.seed))  # before the call's report is made
     print(f"chaos seed={c.seed} (replay: {c.replay})")
     try:
         yield c
     finally:
         c.close()
-        request.node.user_properties.append(("chaos_seed", c.seed))
         if c.injectors:
             request.node.user_properties.append(("chaos", c.summary()))
 
