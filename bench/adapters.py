@@ -25,6 +25,14 @@ from typing import Any
 
 #: Library keys in table order; resilpool first so its row is easy to find.
 LIBS = ("resilpool", "cf", "mp", "loky", "pebble", "billiard", "mpire")
+#: Extra rows the driver adds, not chosen with --libs: resilpool with mp_context="fork" (figures with
+#: ``fork_variant``) or "spawn" (``spawn_variant``), and resilpool at a baseline git revision
+#: (``--baseline REV``, its own venv).
+EXTRA = ("resilpool-fork", "resilpool-spawn", "baseline")
+#: The rows that are resilpool's own (marked in tables; never a peer).
+SUBJECTS = ("resilpool", "resilpool-fork", "resilpool-spawn")
+#: Environment variable that tells a baseline child which revision it runs (for its label).
+BASELINE_ENV = "RESILPOOL_BENCH_BASELINE"
 
 LABELS = {
     "resilpool": "resilpool",
@@ -34,6 +42,9 @@ LABELS = {
     "pebble": "pebble",
     "billiard": "billiard",
     "mpire": "mpire",
+    "resilpool-fork": "resilpool [fork]",
+    "resilpool-spawn": "resilpool [spawn]",
+    "baseline": "resilpool (baseline)",
 }
 
 #: Recycling setting of the leaky figure: a task count, as every peer offers one.
@@ -47,9 +58,13 @@ class Unsupported(Exception):
 
 
 def make(key: str, *, standin: bool = False, start_method: str | None = None) -> Adapter:
-    """Build the adapter for library ``key`` (one of :data:`LIBS`)."""
+    """Build the adapter for library ``key`` (one of :data:`LIBS` or :data:`EXTRA`)."""
     if key == "resilpool":
         return Resilpool(standin=standin, start_method=start_method)
+    if key in ("resilpool-fork", "resilpool-spawn"):
+        return ResilpoolVariant(key.removeprefix("resilpool-"), standin=standin)
+    if key == "baseline":
+        return Baseline(start_method=start_method)
     return _ADAPTERS[key](start_method=start_method)
 
 
@@ -65,12 +80,14 @@ class Adapter:
 
     key = ""
     dist = ""  # distribution name, for the version column
+    has_initializer = True  # takes a per-worker initializer when the pool is made
 
     def __init__(self, *, start_method: str | None = None) -> None:
         self.start_method = start_method
         self.pool: Any = None
         self.workers = 0
         self.variant_note = ""
+        self.initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
 
     @property
     def label(self) -> str:
@@ -84,16 +101,33 @@ class Adapter:
             return "stdlib " + platform.python_version()
         return metadata.version(self.dist)
 
-    def open(self, workers: int, *, recycle: str | None = None, monitor: bool = True) -> None:
+    def open(
+        self,
+        workers: int,
+        *,
+        recycle: str | None = None,
+        monitor: bool = True,
+        initializer: tuple[Callable[..., Any], tuple[Any, ...]] | None = None,
+    ) -> None:
         """Create the pool with ``workers`` processes.
 
         ``recycle`` asks for the library's best offer against a leaking task:
         ``"tasks"`` (restart after :data:`RECYCLE_TASKS` tasks) or ``"rss"``
         (resilpool's memory threshold).  ``monitor=False`` asks resilpool for a
         pool without its monitor; peers have none and ignore it.
+        ``initializer`` is ``(fn, args)`` for the library's worker initializer
+        (ignored by a library that has none: mpire).
         """
         self.workers = workers
+        self.initializer = initializer
         self.pool = self._create(workers, recycle, monitor)
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        """``initializer=`` and ``initargs=`` for libraries that spell them that way."""
+        if self.initializer is None:
+            return {}
+        fn, args = self.initializer
+        return {"initializer": fn, "initargs": args}
 
     def _create(self, workers: int, recycle: str | None, monitor: bool) -> Any:
         raise NotImplementedError
@@ -146,7 +180,7 @@ class StdlibExecutor(Adapter):
     def _create(self, workers: int, recycle: str | None, monitor: bool) -> Any:
         from concurrent.futures import ProcessPoolExecutor
 
-        kwargs: dict[str, Any] = {"mp_context": self._mp_context()}
+        kwargs: dict[str, Any] = {"mp_context": self._mp_context(), **self._init_kwargs()}
         if recycle:
             # 3.11+: without an explicit context this switches to "spawn" (fork is refused).
             kwargs["max_tasks_per_child"] = RECYCLE_TASKS
@@ -174,7 +208,7 @@ class MpPool(Adapter):
         tasks = RECYCLE_TASKS if recycle else None
         if tasks:
             self.variant_note = f"maxtasksperchild={tasks}"
-        return ctx.Pool(workers, maxtasksperchild=tasks)
+        return ctx.Pool(workers, maxtasksperchild=tasks, **self._init_kwargs())
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.apply_async(fn, args)
@@ -224,7 +258,9 @@ class Loky(Adapter):
         if recycle:
             self.variant_note = "automatic leak detection"
         # timeout: keep idle workers for the whole figure (loky's default reaps them after 10 s).
-        return loky.get_reusable_executor(max_workers=workers, context=self.start_method, timeout=600)
+        return loky.get_reusable_executor(
+            max_workers=workers, context=self.start_method, timeout=600, **self._init_kwargs()
+        )
 
     def worker_pids(self) -> list[int]:
         return _alive(list((self.pool._processes or {}).values()))
@@ -248,7 +284,7 @@ class Pebble(Adapter):
         if tasks:
             self.variant_note = f"max_tasks={tasks}"
         ctx = self._mp_context() or multiprocessing
-        return pebble.ProcessPool(max_workers=workers, max_tasks=tasks, context=ctx)
+        return pebble.ProcessPool(max_workers=workers, max_tasks=tasks, context=ctx, **self._init_kwargs())
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.schedule(fn, args=args)
@@ -278,6 +314,7 @@ class Mpire(Adapter):
 
     key = "mpire"
     dist = "mpire"
+    has_initializer = False  # mpire's worker_init is per map call, not per pool
 
     def _create(self, workers: int, recycle: str | None, monitor: bool) -> Any:
         import mpire
@@ -351,12 +388,12 @@ class Resilpool(Adapter):
 
     def _create(self, workers: int, recycle: str | None, monitor: bool) -> Any:
         mod = self.module()
-        kwargs: dict[str, Any] = {"max_workers": workers, "mp_context": self._mp_context()}
+        kwargs: dict[str, Any] = {"max_workers": workers, "mp_context": self._mp_context(), **self._init_kwargs()}
         if recycle:
             kwargs["limits"] = self._limits(mod, recycle)
         if not monitor:
             kwargs["monitor_interval"] = None
-        options = [k for k in kwargs if k not in ("max_workers", "mp_context")]
+        options = [k for k in kwargs if k not in ("max_workers", "mp_context", "initializer", "initargs")]
         try:
             return mod.ResilientPool(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -417,6 +454,37 @@ class Resilpool(Adapter):
             return False
         pids = set(self.worker_pids())
         return victim not in pids and pids != before and len(pids) >= self.workers
+
+
+class ResilpoolVariant(Resilpool):
+    """resilpool with a start method of its own: ``resilpool [fork]`` (level with the
+    fork-based peers on start-up?) and ``resilpool [spawn]``."""
+
+    def __init__(self, method: str, *, standin: bool = False) -> None:
+        super().__init__(standin=standin, start_method=method)
+
+    @property
+    def label(self) -> str:
+        return f"{super().label} [{self.start_method}]"
+
+
+class Baseline(Resilpool):
+    """resilpool at an earlier git revision (``bench/run --baseline REV``), from a venv of its own.
+
+    The driver runs this adapter's children with that venv's interpreter, so
+    ``import resilpool`` finds the old version; the bench code is this
+    checkout's.  Not a peer: its rows count neither as resilpool's nor for
+    "best peer"; the before/after table compares them with resilpool's.
+    """
+
+    key = "baseline"
+
+    @property
+    def label(self) -> str:
+        return f"resilpool@{os.environ.get(BASELINE_ENV, 'baseline')}"
+
+    def version(self) -> str:
+        return f"{super().version()} at {os.environ.get(BASELINE_ENV, '?')}"
 
 
 _ADAPTERS: dict[str, type[Adapter]] = {

@@ -6,28 +6,33 @@ Usage (by ``bench.py``, not by hand)::
 
 Rows go to ``OUT.json`` as they are measured (see ``figures.Recorder``), so a
 child that the driver kills on timeout still leaves what it had.  Workers
-started with ``spawn`` re-import this file as ``__mp_main__``; the guard below
-keeps them from running a figure, and the module imports only light modules.
+started with ``spawn``, ``forkserver`` (CPython does not pass the main path to
+the forkserver, so its ``__main__`` preload does nothing and every worker runs
+``prepare()`` on its own) and loky re-run this file as ``__mp_main__``: the
+guard below keeps them from running a figure, and the harness modules are
+imported inside :func:`main` only, so that re-run costs a worker next to
+nothing and the start-up figures time the library, not this harness.
 The child does not wait for its pools at exit: it kills what is left below it
 and leaves with ``os._exit`` after the last row is written.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import os
 import sys
 from typing import Any
 
-import adapters
-import figures
-
 
 def main() -> None:
+    import argparse
+    import functools
+
+    import adapters
+    import figures
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("figure", choices=sorted(figures.RUNNERS))
-    ap.add_argument("lib", choices=[*adapters.LIBS, "floor"])
+    ap.add_argument("lib", choices=[*adapters.LIBS, *adapters.EXTRA, "floor"])
     ap.add_argument("out")
     ap.add_argument("mode", choices=sorted(figures.PARAMS))
     ap.add_argument("--standin", action="store_true")

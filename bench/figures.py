@@ -8,10 +8,12 @@ records its rows through a :class:`Recorder`, which rewrites the child's
 result file after every value, so whatever was measured before a timeout is
 kept.
 
-Repeats: throughput, latency and the pipe floor are *best of N* (fastest rate,
-lowest median / p99) — the run least disturbed by the rest of the machine.
-Leaky workload and monitor overhead are *median of N*; recovery is the median
-over many kills of one pool.  N is 3 (1 with ``--quick``).
+Repeats: the *interleaved* figures (submit, map, latency, head-of-line, first
+start) measure one repetition per child process; the driver runs R
+repetitions round-robin over the libraries (R = 5, 2 with ``--quick``) and
+reports the median of the repetitions with their spread.  The pipe floor and
+retry are *best of N*; leaky workload and monitor overhead are *median of N*;
+recovery is the median over many kills of one pool.  N is 3 (1 with ``--quick``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import random
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +60,9 @@ class Figure:
     subject_only: bool = False  # resilpool only (retry)
     single: bool = False  # not per library (the pipe floor)
     peer_ratio: bool = True  # "x best peer" columns (off: no peers, or a single row)
+    interleaved: bool = False  # one repetition per child; the driver interleaves libraries per repetition
+    fork_variant: bool = False  # also run resilpool with mp_context="fork" (lib "resilpool-fork")
+    spawn_variant: bool = False  # also run resilpool with mp_context="spawn" (lib "resilpool-spawn")
     notes: tuple[str, ...] = ()
 
 
@@ -67,6 +73,9 @@ class Figure:
 PARAMS: dict[str, dict[str, Any]] = {
     "full": dict(
         repeats=3,
+        reps=5,
+        hol_burst=5_000,
+        hol_sleep=0.5,
         submit_n=20_000,
         map_n=100_000,
         latency_n=2_000,
@@ -83,9 +92,12 @@ PARAMS: dict[str, dict[str, Any]] = {
     ),
     "quick": dict(
         repeats=1,
+        reps=2,
+        hol_burst=1_000,
+        hol_sleep=0.2,
         submit_n=2_000,
         map_n=4_000,
-        latency_n=300,
+        latency_n=500,
         latency_warm=50,
         pipe_n=2_000,
         kills=3,
@@ -123,6 +135,7 @@ class Recorder:
             "label": label,
             "lib": self.lib,
             "subject": subject,
+            "baseline": self.lib == "baseline",
             "status": "running",
             "reason": "",
             "metrics": {},
@@ -181,6 +194,22 @@ def warm_up(ad: Adapter, *, sleep: float = 0.0) -> list[int]:
     return pids
 
 
+def check_same_resilpool(ad: Adapter) -> None:
+    """Fail unless the workers run the very resilpool this process imported.
+
+    A forkserver keeps its own ``sys.path`` (CPython 3.11-3.13 ignore the one it is
+    sent), so a forkserver started in a directory holding another resilpool
+    would give the workers that one: a baseline row would then measure the
+    checkout.  Peers are not checked.
+    """
+    if not isinstance(ad, adapters.Resilpool) or ad.standin:
+        return
+    ours = ad.module().__file__
+    theirs = ad.result(ad.submit(tasks.module_file, "resilpool"), 60)
+    if theirs != ours:
+        raise RuntimeError(f"workers run resilpool from {theirs}, the bench process from {ours}")
+
+
 def _whole(ad: Adapter) -> bool:
     try:
         if isinstance(ad, adapters.Resilpool):
@@ -219,6 +248,7 @@ def measure_row(ctx: Ctx, body: Body, *, workers: int = WORKERS, suffix: str = "
         try:
             ad.open(workers, **options)
             pids = warm_up(ad)
+            check_same_resilpool(ad)
         except Unsupported:
             raise
         except Exception as exc:
@@ -276,8 +306,14 @@ def best_submit_rate(ctx: Ctx, ad: Adapter) -> float:
 
 
 def run_submit(ctx: Ctx) -> None:
-    """Tiny-task throughput: N submits of ``x + 1``, then wait for all."""
-    measure_row(ctx, lambda ad, row: ctx.rec.set(row, rate=best_submit_rate(ctx, ad)))
+    """Tiny-task throughput: N submits of ``x + 1``, then wait for all (one interleaved repetition)."""
+
+    def body(ad: Adapter, row: dict[str, Any]) -> None:
+        n = ctx.params["submit_n"]
+        submit_rate(ad, max(n // 10, 100))  # warm-up
+        ctx.rec.set(row, rate=submit_rate(ad, n))
+
+    measure_row(ctx, body)
 
 
 def map_rate(ad: Adapter, n: int, chunksize: int) -> float:
@@ -293,13 +329,13 @@ def map_rate(ad: Adapter, n: int, chunksize: int) -> float:
 
 
 def run_map(ctx: Ctx) -> None:
-    """``map`` over N items at chunksize 1 and at chunksize 1000."""
+    """``map`` over N items at chunksize 1 and at chunksize 1000 (one interleaved repetition)."""
     n = ctx.params["map_n"]
 
     def body(ad: Adapter, row: dict[str, Any]) -> None:
         for chunksize, key in ((1, "cs1"), (1000, "cs1000")):
             map_rate(ad, max(n // 10, 2000), chunksize)  # warm-up
-            ctx.rec.set(row, **{key: max(map_rate(ad, n, chunksize) for _ in range(ctx.repeats))})
+            ctx.rec.set(row, **{key: map_rate(ad, n, chunksize)})
 
     measure_row(ctx, body)
 
@@ -337,14 +373,196 @@ def round_trips(ad: Adapter, n: int) -> list[float]:
 
 
 def run_latency(ctx: Ctx) -> None:
-    """Round-trip latency of one submit -> result, median and p99."""
+    """Round-trip latency of one submit -> result: median and p99 of one interleaved repetition."""
 
     def body(ad: Adapter, row: dict[str, Any]) -> None:
         round_trips(ad, ctx.params["latency_warm"])
-        runs = [round_trips(ad, ctx.params["latency_n"]) for _ in range(ctx.repeats)]
-        ctx.rec.set(row, median=min(statistics.median(r) for r in runs), p99=min(pct(r, 99) for r in runs))
+        trips = round_trips(ad, ctx.params["latency_n"])
+        ctx.rec.set(row, median=statistics.median(trips), p99=pct(trips, 99))
 
     measure_row(ctx, body)
+
+
+# --------------------------------------------------------------------------- head-of-line blocking
+
+
+def blocking_ratio(ad: Adapter, seconds: float) -> tuple[float, int]:
+    """Submit one ``sleep(seconds)`` task per worker at once; wall time / one task, and workers used.
+
+    With every worker idle the tasks run side by side and the ratio is about
+    1.0; a ratio near 2.0 means two of them ran one after the other on one
+    worker while another sat idle (head-of-line blocking).
+    """
+    t0 = time.perf_counter()
+    handles = [ad.submit(tasks.sleep_for, seconds) for _ in range(ad.workers)]
+    pids = {ad.result(h, 60 + 10 * seconds) for h in handles}
+    return (time.perf_counter() - t0) / seconds, len(pids)
+
+
+def run_hol(ctx: Ctx) -> None:
+    """N blocking tasks on N idle workers: right after a burst of tiny tasks, and on a fresh pool."""
+    p = ctx.params
+
+    def body(ad: Adapter, row: dict[str, Any]) -> None:
+        n = p["hol_burst"]
+        handles = [ad.submit(tasks.add_one, i) for i in range(n)]
+        for i, h in enumerate(handles):
+            if ad.result(h, 120) != i + 1:
+                raise RuntimeError(f"burst task {i} returned a wrong result")
+        ratio, used = blocking_ratio(ad, p["hol_sleep"])
+        ctx.rec.set(row, burst=ratio, burst_workers=used)
+        close_within(ad, 15.0)  # no other pool's threads and workers around the fresh one
+        # A fresh pool right after its first task (and once every worker is ready, so that
+        # worker start-up is not what is timed).
+        fresh = ctx.make()
+        fresh.open(WORKERS)
+        fresh.result(fresh.submit(tasks.whoami), 60)
+        wait_until(lambda: _whole(fresh), 30)
+        ratio, used = blocking_ratio(fresh, p["hol_sleep"])
+        ctx.rec.set(row, fresh=ratio, fresh_workers=used)
+        close_within(fresh, 15.0)
+
+    measure_row(ctx, body)
+
+
+# --------------------------------------------------------------------------- first pool start
+
+
+class StartProbe:
+    """Times every ``Process.start()`` in this process, by wrapping the stdlib's (bench child only).
+
+    Each start is recorded as ``(called, returned)`` on the monotonic clock.
+    For a forkserver pool the first start includes starting the forkserver
+    itself (a fresh interpreter importing what it preloads): ``start()`` waits
+    until the server has forked the child.  Libraries whose process class
+    does not derive from ``multiprocessing.process.BaseProcess`` leave no record.
+    """
+
+    def __init__(self) -> None:
+        import multiprocessing.process
+        from multiprocessing import forkserver
+
+        self.starts: list[tuple[float, float]] = []
+        #: when this process launched its forkserver (None: it did not)
+        self.forkserver_launched: float | None = None
+        base = multiprocessing.process.BaseProcess
+        original = base.start
+
+        def start(proc: Any) -> None:
+            t0 = time.monotonic()
+            original(proc)
+            self.starts.append((t0, time.monotonic()))
+
+        base.start = start  # type: ignore[method-assign]
+
+        # The forkserver is launched by ensure_running(), which Process.start() calls, and
+        # which a library may call earlier itself: both the module's alias and the method
+        # that connect_to_new_process() looks up on the instance are wrapped.
+        server = forkserver._forkserver
+        launch = server.ensure_running
+
+        def ensure_running() -> None:
+            t0 = time.monotonic()
+            before = server._forkserver_pid
+            launch()
+            if self.forkserver_launched is None and server._forkserver_pid not in (None, before):
+                self.forkserver_launched = t0
+
+        server.ensure_running = ensure_running  # type: ignore[method-assign]
+        forkserver.ensure_running = ensure_running
+
+
+def read_marks(path: str) -> list[tuple[float, float]]:
+    """``(monotonic time, worker CPU seconds)`` at which workers ran the initializer, by time.
+
+    See :func:`tasks.mark_ready`.
+    """
+    try:
+        with open(path) as fh:
+            return sorted((float(f[1]), float(f[2])) for f in (line.split() for line in fh) if len(f) == 3)
+    except FileNotFoundError:
+        return []
+
+
+def forkserver_cpu_ms(pid: int) -> float | None:
+    """CPU time (ms, 10 ms ticks) the forkserver above worker ``pid`` has used, if its parent is one."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid).parent()
+        if parent is None or "forkserver" not in " ".join(parent.cmdline()):
+            return None
+        t = parent.cpu_times()
+        return (t.user + t.system) * 1000
+    except psutil.Error:
+        return None
+
+
+def run_firststart(ctx: Ctx) -> None:
+    """A fresh process's first pool: time to each phase, then to a later pool's first result.
+
+    Phases, in ms from just before the constructor (each child is a fresh
+    process: nothing of a pool has run in it yet; the library is imported):
+    the constructor returns; the first and the last worker's ``Process.start()``
+    return; the first and the last worker runs its initializer (it is up and
+    about to say it is ready); the first trivial task's result is in hand.
+    """
+    import tempfile
+
+    probe = StartProbe()
+    ad = ctx.make()
+    row = ctx.rec.row(ad.label, subject=ad.key == "resilpool")
+    marks = os.path.join(tempfile.mkdtemp(prefix="bench-ready-"), "ready")
+    try:
+        ctx.rec.info(row, version=ad.version())
+        if isinstance(ad, adapters.Resilpool):
+            # Imported before the clock starts (Unsupported if it fails); its own column.
+            fresh = "resilpool" not in sys.modules
+            t_import = time.monotonic()
+            ad.module()
+            if fresh and not ad.standin:
+                ctx.rec.set(row, import_ms=(time.monotonic() - t_import) * 1000)
+        t0 = time.monotonic()
+        ad.open(WORKERS, initializer=(tasks.mark_ready, (marks,)))
+        t_ctor = time.monotonic()
+        pid = ad.result(ad.submit(tasks.whoami), 60)
+        t_result = time.monotonic()
+        ctx.rec.info(row, start_method=adapters.describe_start_method(pid))
+        check_same_resilpool(ad)
+        if ad.has_initializer:
+            wait_until(lambda: len(read_marks(marks)) >= WORKERS, 30)
+        ready = read_marks(marks)
+        starts = [end for _, end in probe.starts]
+        ms = {"ctor_ms": t_ctor, "first_result_ms": t_result}
+        if starts:
+            ms.update(
+                first_call_ms=probe.starts[0][0],
+                first_fork_ms=starts[0],
+                all_forked_ms=starts[min(WORKERS, len(starts)) - 1],
+            )
+        if ready:
+            ms.update(first_ready_ms=ready[0][0], all_ready_ms=ready[min(WORKERS, len(ready)) - 1][0])
+        if probe.forkserver_launched is not None:
+            ms.update(forkserver_launched_ms=probe.forkserver_launched)
+        ctx.rec.set(row, **{k: (v - t0) * 1000 for k, v in ms.items()})
+        if ready:
+            ctx.rec.set(row, worker_cpu_ms=statistics.median(cpu for _, cpu in ready) * 1000)
+        server_cpu = forkserver_cpu_ms(pid)
+        if server_cpu is not None:
+            ctx.rec.set(row, forkserver_cpu_ms=server_cpu)
+        close_within(ad, 15.0)
+        # A later pool in the same process: the forkserver (if any) and the imports are warm.
+        later = ctx.make()
+        t0 = time.monotonic()
+        later.open(WORKERS)
+        later.result(later.submit(tasks.whoami), 60)
+        ctx.rec.set(row, later_ms=(time.monotonic() - t0) * 1000)
+        close_within(later, 15.0)
+        ctx.rec.finish(row)
+    except Unsupported as exc:
+        ctx.rec.finish(row, "n/a", str(exc))
+    except Exception as exc:
+        ctx.rec.finish(row, "error", f"{type(exc).__name__}: {exc}")
 
 
 def run_pipe(ctx: Ctx) -> None:
@@ -643,6 +861,8 @@ RUNNERS: dict[str, Callable[[Ctx], None]] = {
     "submit": run_submit,
     "map": run_map,
     "latency": run_latency,
+    "hol": run_hol,
+    "firststart": run_firststart,
     "recovery": run_recovery,
     "pipe": run_pipe,
     "leaky": run_leaky,
@@ -656,21 +876,91 @@ FIGURES: dict[str, Figure] = {
     for f in (
         Figure(
             "submit",
-            "Tiny-task throughput: submit N x `x + 1`, then wait all (tasks/s, best of N)",
+            "Tiny-task throughput: submit N x `x + 1`, then wait all (tasks/s)",
             (Metric("rate", "tasks/s", "higher"),),
-            timeout=240,
+            timeout=120,
+            interleaved=True,
         ),
         Figure(
             "map",
-            "Ordered map over N items (items/s, best of N)",
+            "Ordered map over N items (items/s)",
             (Metric("cs1", "chunksize=1 items/s", "higher"), Metric("cs1000", "chunksize=1000 items/s", "higher")),
-            timeout=900,
+            timeout=300,
+            interleaved=True,
         ),
         Figure(
             "latency",
-            "Round trip of one submit -> result (microseconds, best of N runs of sequential trips)",
+            "Round trip of one submit -> result (microseconds; per repetition the median and p99 of its "
+            "sequential trips)",
             (Metric("median", "median us", "lower", "{:,.1f}"), Metric("p99", "p99 us", "lower", "{:,.1f}")),
+            timeout=60,
+            interleaved=True,
+            notes=(
+                "Each repetition is one child process: a warm pool, untimed warm-up trips, then 2,000 timed "
+                "sequential round trips (500 with --quick); the row's median and p99 are the median over the "
+                "repetitions of each repetition's median and p99, [min-max] over the repetitions.",
+            ),
+        ),
+        Figure(
+            "hol",
+            "Head-of-line: one blocking task per worker on idle workers (wall / one task; 1.00 is ideal)",
+            (
+                Metric("burst", "after a tiny burst", "lower", "{:.2f}"),
+                Metric("burst_workers", "workers used", "higher", "{:.0f}", ratio=False),
+                Metric("fresh", "fresh pool, after its first task", "lower", "{:.2f}"),
+                Metric("fresh_workers", "workers used", "higher", "{:.0f}", ratio=False),
+            ),
             timeout=120,
+            interleaved=True,
+            notes=(
+                "After 5,000 tiny tasks (1,000 with --quick; all results in), one `time.sleep(0.5)` task per "
+                "worker (0.2 s with --quick) is submitted at once; the figure is the wall time until all are "
+                "back, divided by one task's sleep. 1.00: they ran side by side; 2.00: two ran one after the "
+                "other on one worker while another was idle. 'fresh pool': a new pool runs one tiny task and "
+                "waits until every worker is ready, then the same. 'workers used': distinct pids that ran them.",
+            ),
+        ),
+        Figure(
+            "firststart",
+            "First pool start in a fresh process (ms from just before the constructor)",
+            (
+                Metric("first_result_ms", "first result", "lower", "{:,.1f}"),
+                Metric("import_ms", "import (before the clock)", "lower", "{:,.1f}", ratio=False),
+                Metric("ctor_ms", "constructor", "lower", "{:,.1f}", ratio=False),
+                Metric("forkserver_launched_ms", "forkserver launched", "lower", "{:,.1f}", ratio=False),
+                Metric("first_call_ms", "1st Process.start called", "lower", "{:,.1f}", ratio=False),
+                Metric("first_fork_ms", "1st Process.start", "lower", "{:,.1f}", ratio=False),
+                Metric("all_forked_ms", "last Process.start", "lower", "{:,.1f}", ratio=False),
+                Metric("first_ready_ms", "1st worker up", "lower", "{:,.1f}", ratio=False),
+                Metric("all_ready_ms", "last worker up", "lower", "{:,.1f}", ratio=False),
+                Metric("later_ms", "later pool: first result", "lower", "{:,.1f}"),
+                Metric("worker_cpu_ms", "worker CPU to up", "lower", "{:,.1f}", ratio=False),
+                Metric("forkserver_cpu_ms", "forkserver CPU", "lower", "{:,.0f}", ratio=False),
+            ),
+            timeout=90,
+            interleaved=True,
+            fork_variant=True,
+            spawn_variant=True,
+            notes=(
+                "Each repetition is a fresh child process with the library imported and nothing else of a "
+                "pool run yet. Clock starts just before the constructor. 'import': resilpool's rows only, "
+                "`import resilpool; resilpool.ResilientPool` in that fresh process, before the clock starts. "
+                "'forkserver launched': when the process launched its forkserver (the server's boot runs "
+                "from then until the first `Process.start()` returns). '1st Process.start called': when the "
+                "first worker's start began; 'Process.start' columns: when the first and last worker's "
+                "`Process.start()` returned (for forkserver the first includes waiting for "
+                "the forkserver to finish booting and importing its preloads; '-': the library's processes are not stdlib "
+                "`BaseProcess`es). 'worker up': when the worker ran the pool's initializer (a stub that "
+                "writes the time; mpire has no pool initializer: '-'). 'first result': one trivial task "
+                "submitted right after the constructor, result in hand. 'later pool': a second pool in the "
+                "same process after the first was shut down, constructor to first result.",
+                "CPU columns do not grow with the machine's load the way wall times do: 'worker CPU to up' is "
+                "the CPU time a worker used from its fork (or exec) to the initializer (median over workers); "
+                "'forkserver CPU' is the forkserver's own CPU time once the first pool is up (its interpreter "
+                "start and preloads; 10 ms ticks).",
+                "`resilpool [fork]` and `resilpool [spawn]` are resilpool with `mp_context=\"fork\"` and "
+                "`\"spawn\"`.",
+            ),
         ),
         Figure(
             "pipe",
@@ -760,4 +1050,4 @@ FIGURES: dict[str, Figure] = {
     )
 }
 
-ORDER = ("submit", "map", "latency", "pipe", "recovery", "leaky", "monitor", "retry")
+ORDER = ("submit", "map", "latency", "hol", "firststart", "pipe", "recovery", "leaky", "monitor", "retry")

@@ -29,6 +29,14 @@ def whoami(_: object = None) -> int:
     return os.getpid()
 
 
+def module_file(name: str) -> str | None:
+    """Where module ``name`` was imported from in this worker (None: not imported)."""
+    import sys
+
+    mod = sys.modules.get(name)
+    return getattr(mod, "__file__", None)
+
+
 def sleep_for(seconds: float) -> int:
     """Keep a worker busy without using CPU (for the monitor-overhead figure)."""
     time.sleep(seconds)
@@ -48,6 +56,22 @@ def leak(mib: int) -> tuple[int, int]:
     buf[::PAGE] = b"\x01" * len(range(0, n, PAGE))
     _LEAKED.append(buf)
     return os.getpid(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def mark_ready(path: str) -> None:
+    """Pool initializer of the first-start figure: append ``"<pid> <monotonic> <cpu>"`` to ``path``.
+
+    ``time.monotonic()`` is system-wide on Linux, so the bench process can set
+    it against its own clock; ``cpu`` is the CPU time this worker has used so
+    far (its own clock starts at zero when it is forked or spawned), which
+    load on the machine does not inflate the way it inflates wall time.  One
+    short ``O_APPEND`` write per worker does not interleave with another's.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()} {time.monotonic()!r} {time.process_time()!r}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def echo_loop(conn: object) -> None:

@@ -13,7 +13,8 @@ down, and checks:
 4. a task that failed was hit: it started on the worker that died (its start line names
    that pid), or it was itself given a fault, or it fails by design;
 5. the pool's own account agrees: the task it blamed for each worker death is the task
-   the injector saw running there; stats add up; the pool is back to full strength;
+   the injector saw running there; stats add up; the pool is back to full strength; and,
+   idle, its core's task tables pass ``check_invariants(idle=True)``;
 6. shutdown finishes within a bound (the leak check of ``conftest.py`` then checks that
    no process, thread or file descriptor is left).
 
@@ -45,11 +46,13 @@ from resilpool import (
     PoisonTaskError,
     ResilientPool,
     ResilpoolError,
+    TaskStalledError,
     TaskTimeoutError,
     WorkerCrashedError,
 )
 from resilpool.events import CoreRebuilt, Event, ExitReason, WorkerExited
 from resilpool.testing import FaultKind
+from resilpool.testing.faults import MID_TASK_PROCESS_FAULTS
 
 #: Default task mix: kind -> weight.
 MIX: Mapping[str, float] = {
@@ -70,7 +73,7 @@ QUARANTINE_AFTER = 8
 TIMEOUT_TASK_S = 0.3  # per-task timeout of the "timeout" tasks (they spin for 5 s)
 
 _NOT_DEATHS = frozenset({ExitReason.SHUTDOWN, ExitReason.SOFT_MEMORY, ExitReason.MAX_TASKS, ExitReason.LIFETIME})
-_FATAL_TASK_FAULTS = frozenset({FaultKind.EXIT, FaultKind.HANG, FaultKind.BALLOON})
+_FATAL_TASK_FAULTS = frozenset(k for k in FaultKind if k.fails_attempt)
 _POOL_ERRORS = (WorkerCrashedError, TaskTimeoutError, PoisonTaskError, ResilpoolError)
 
 
@@ -125,17 +128,60 @@ class Figures:
     failed_expected: int = 0
     unmarked: int = 0
     worker_deaths: int = 0
+    recycled: int = 0  # workers retired by limits (soft_max_rss, max_tasks, max_lifetime)
     rebuilds: int = 0
     wall_s: float = 0.0
+    parent: str = ""  # the parent's RSS, fds and threads before the pool, at most, and after shutdown
 
     def line(self) -> str:
         kinds = ",".join(f"{k}:{n}" for k, n in sorted(self.by_kind.items()))
         return (
             f"seed={self.seed} rate={self.rate:g} tasks={self.tasks} faults={self.faults} [{kinds}]"
-            f" retries={self.retries} worker_deaths={self.worker_deaths} rebuilds={self.rebuilds}"
+            f" retries={self.retries} worker_deaths={self.worker_deaths} recycled={self.recycled} rebuilds={self.rebuilds}"
             f" failed_as_expected={self.failed_expected} started_unlogged={self.unmarked} lost={self.lost} duplicated={self.duplicated}"
-            f" wall={self.wall_s:.1f}s"
+            f" wall={self.wall_s:.1f}s{' parent ' + self.parent if self.parent else ''}"
         )
+
+
+class ParentSampler:
+    """The test process's RSS, open fds and threads: first, highest (sampled each second) and last."""
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+        self.first = self._sample()
+        self.peak = self.first
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chaos-parent-sampler", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> tuple[float, int, int]:
+        threads = sum(1 for t in threading.enumerate() if t.name != "chaos-parent-sampler")
+        return (self._me.memory_info().rss / 2**20, self._me.num_fds(), threads)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.peak = tuple(max(a, b) for a, b in zip(self.peak, self._sample()))  # type: ignore[assignment]
+
+    def finish(self) -> str:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        last = self._sample()
+        f = self.first
+        p = tuple(max(a, b) for a, b in zip(self.peak, last))
+        return (
+            f"rss={f[0]:.0f}->{last[0]:.0f}MiB(max {p[0]:.0f}) fds={f[1]}->{last[1]}(max {p[1]})"
+            f" threads={f[2]}->{last[2]}(max {p[2]})"
+        )
+
+    def released(self) -> str:
+        """Once the run's own records (futures with their results, events, effects) are
+        dropped: the fds and threads the shut-down pool still holds. (Not RSS: the
+        allocator keeps freed memory; a run's RSS grows with the records it keeps.)"""
+        import gc
+
+        gc.collect()
+        _, fds, threads = self._sample()
+        return f"released: fds={fds} threads={threads}"
 
 
 class ChaosFailure(AssertionError):
@@ -209,6 +255,11 @@ def _shutdown_bounded(pool: ResilientPool, timeout: float) -> bool:
         except psutil.Error:
             pass
     t.join(15.0)
+    # A pool that cannot finish would also block the interpreter's exit (the pool's atexit
+    # handler shuts live pools down without a bound): the failure is reported already.
+    import resilpool._pool as pool_module
+
+    pool_module._LIVE_POOLS.discard(pool)
     return False
 
 
@@ -238,6 +289,7 @@ def run(
     events: list[Event] = []
     violations: list[str] = []
     fig = Figures(seed=chaos.seed, rate=chaos.rate if chaos.rate is not None else rate, tasks=len(plan))
+    sampler = ParentSampler()
     pool = ResilientPool(
         workers,
         mp_context=start_method,
@@ -288,6 +340,11 @@ def run(
                 time.sleep(0.02)
             else:
                 violations.append(f"the pool did not get back to {workers} ready workers within 15s: {pool.workers()} {pool.stats()}")
+            if not not_done:  # idle: every future resolved, so the core's tables must be empty and consistent
+                try:
+                    pool.check_invariants(idle=True)
+                except Exception as exc:  # noqa: BLE001 - recorded as a violation
+                    violations.append(f"the core's invariants do not hold with the pool idle: {exc}")
         stats = pool.stats()
         shut = _shutdown_bounded(pool, 30.0)
         if not shut:
@@ -295,6 +352,7 @@ def run(
     finally:
         if not shut:
             _shutdown_bounded(pool, 30.0)
+        fig.parent = sampler.finish()
 
     fig.faults = inj.fired
     fig.by_kind = inj.counts()
@@ -302,6 +360,7 @@ def run(
     fig.rebuilds = stats.rebuilds
     exits = [e for e in events if isinstance(e, WorkerExited)]
     fig.worker_deaths = sum(1 for e in exits if e.reason not in _NOT_DEATHS)
+    fig.recycled = sum(1 for e in exits if e.reason in _NOT_DEATHS and e.reason is not ExitReason.SHUTDOWN)
     starts, effects = read_effects(log)
 
     violations.extend(resolved_twice[:10])
@@ -316,6 +375,16 @@ def run(
         _check_futures(plan, futures, starts, effects, exits, events, inj, fig, violations)
     _check_process_faults(plan, futures, starts, exits, inj, violations)
 
+    # Last: drop what the run recorded (every future and its result, every event), so
+    # the figures show what the shut-down pool still holds, apart from the test's records.
+    futures.clear()
+    events.clear()
+    works.clear()
+    starts.clear()
+    effects.clear()
+    exits.clear()
+    map_results = None
+    fig.parent += " " + sampler.released()
     if record is not None:
         record(fig)
     print(fig.line())
@@ -351,7 +420,10 @@ def _check_futures(
     failed_by_pid: collections.Counter[int] = collections.Counter()
     rebuilt = any(isinstance(e, CoreRebuilt) for e in events)
     fired = [f for f in inj.faults if f.fired]
-    seen_running = {(f.pid, f.task_id) for f in fired if f.kind in (FaultKind.KILL_BUSY, FaultKind.STOP)}
+    seen_running = {(f.pid, f.task_id) for f in fired if f.kind in MID_TASK_PROCESS_FAULTS}
+    # Behind junk on a result pipe the answers of the tasks that ran after it are lost: the
+    # worker's death may fail each of them, but only tasks that did start on that worker.
+    corrupted = {f.pid for f in fired if f.kind in (FaultKind.JUNK_FRAME, FaultKind.TRUNCATED_FRAME)}
     idle_killed = {f.pid for f in fired if f.kind is FaultKind.KILL_IDLE}
     for p, fut in zip(plan, futures):
         key = p.key
@@ -367,7 +439,10 @@ def _check_futures(
         if exc is not None and task_id is not None and not isinstance(exc, PoisonTaskError) and task_id != key + 1:
             violations.append(f"{what}: its error names task id {task_id}, expected {key + 1}")
         if exc is not None and isinstance(getattr(exc, "pid", None), int):
-            failed_by_pid[exc.pid] += 1
+            if exc.pid in corrupted and exc.pid in s:
+                pass  # it ran there; its answer was lost with the channel (never run twice: below)
+            else:
+                failed_by_pid[exc.pid] += 1
 
         if p.effect:
             if len(s) > 1 or len(e) > 1:
@@ -389,7 +464,7 @@ def _check_futures(
                 continue
             if fatal:
                 continue  # it was given a fault itself
-            ok, unmarked = _explained(exc, s, blamed, seen_running, idle_killed, rebuilt)
+            ok, unmarked = _explained(exc, s, blamed, seen_running, idle_killed | corrupted, rebuilt)
             fig.unmarked += unmarked
             if not ok:
                 fig.lost += 1
@@ -411,9 +486,14 @@ def _check_futures(
                 violations.append(f"{what}: unexpected error {_describe(exc)}")
             else:
                 fig.failed_expected += 1
+    # A pid may come back (pid_max wraps in a long run): each death may cost one task.
+    deaths_of = collections.Counter(e.pid for e in exits)
     for pid, n in failed_by_pid.items():
-        if n > 1:
-            violations.append(f"worker {pid}: its death failed {n} tasks (at most the one it was running may fail)")
+        if n > max(1, deaths_of[pid]):
+            violations.append(
+                f"worker {pid}: its death failed {n} tasks (at most the one it was running may fail;"
+                f" that pid died {deaths_of[pid]} times)"
+            )
 
 
 def _fails_as_designed(kind: str, exc: BaseException) -> bool:
@@ -431,7 +511,7 @@ def _explained(
     starts: list[int],
     blamed: set[tuple[int, int | None]],
     seen_running: set[tuple[int | None, int | None]],
-    idle_killed: set[int | None],
+    killed_unwatched: set[int | None],
     rebuilt: bool,
 ) -> tuple[bool, int]:
     """Was this failed non-idempotent task hit while running?  ``(explained, unlogged)``.
@@ -439,8 +519,10 @@ def _explained(
     The start line is the evidence: it is written as the task is unpickled, right after
     the worker's acknowledgement.  A kill can land between the two (a few syscalls; with
     tiny tasks often enough): then the evidence is the injector's own look at the
-    worker's slot while it held it stopped (``kill_busy``/``stop``), or, for a kill of a
-    worker that looked idle, the pool's blame.
+    worker's slot while it held it stopped (``kill_busy``/``stop``), or, for a kill the
+    injector could not watch (a worker that looked idle, or one the pool killed for junk on
+    its result pipe, which goes on claiming tasks until the kill lands), the pool's blame:
+    the task it names is the last one that worker claimed, read from the slot after death.
     """
     if not isinstance(exc, ResilpoolError) or isinstance(exc, PoisonTaskError):
         return False, 0
@@ -460,7 +542,11 @@ def _explained(
         return False, 0  # it started elsewhere, and was failed by this worker's death
     if (pid, task_id) in seen_running:
         return True, 1
-    if pid in idle_killed and (pid, task_id) in blamed:
+    if pid in killed_unwatched and (pid, task_id) in blamed:
+        return True, 1
+    if isinstance(exc, TaskStalledError) and (pid, task_id) in blamed:
+        # Killed as stalled (no CPU: stopped, or starved) between its acknowledgement and
+        # its start line: the pool's account names it, and a stall is the machine's doing.
         return True, 1
     return False, 0
 
@@ -473,26 +559,31 @@ def _check_process_faults(
     inj: Any,
     violations: list[str],
 ) -> None:
-    exit_of = {e.pid: e for e in exits}
+    exits_of: dict[int, list[WorkerExited]] = collections.defaultdict(list)
+    for e in exits:
+        exits_of[e.pid].append(e)  # a pid may come back in a long run: one entry per lifetime
     for f in inj.faults:
         if not f.fired or f.kind not in (FaultKind.KILL_BUSY, FaultKind.KILL_IDLE, FaultKind.STOP):
             continue
-        e = exit_of.get(f.pid)
-        if e is None:
+        exs = exits_of.get(f.pid, [])
+        if not exs:
             violations.append(f"{f.line()}: the pool never reported that worker's exit")
             continue
         if f.kind is not FaultKind.KILL_BUSY or f.task_id is None:
             continue
         # The worker was stopped while its slot said it ran task_id, then killed.
         key = f.task_id - 1
-        if e.reason is ExitReason.CRASH and e.task_id != f.task_id:
-            if e.task_id is None and not futures:
-                continue  # a map: its chunks have no futures of their own; their results were checked
-            if e.task_id is None and 0 <= key < len(futures) and futures[key].done() and not futures[key].cancelled():
-                exc = futures[key].exception(timeout=0)
-                if not (isinstance(exc, WorkerCrashedError) and exc.pid == f.pid):
-                    continue  # it had sent its answer already: the slot lags the answer by a moment
-            violations.append(
-                f"{f.line()}: the pool blamed task {e.task_id} for that worker's death ({e.detail});"
-                f" task {f.task_id} started there: {starts.get(key, [])}"
-            )
+        crashes = [e for e in exs if e.reason is ExitReason.CRASH]
+        if not crashes or any(e.task_id == f.task_id for e in exs):
+            continue
+        e = next((c for c in crashes if c.task_id is None), crashes[0])
+        if e.task_id is None and not futures:
+            continue  # a map: its chunks have no futures of their own; their results were checked
+        if e.task_id is None and 0 <= key < len(futures) and futures[key].done() and not futures[key].cancelled():
+            exc = futures[key].exception(timeout=0)
+            if not (isinstance(exc, WorkerCrashedError) and exc.pid == f.pid):
+                continue  # it had sent its answer already: the slot lags the answer by a moment
+        violations.append(
+            f"{f.line()}: the pool blamed task {e.task_id} for that worker's death ({e.detail});"
+            f" task {f.task_id} started there: {starts.get(key, [])}"
+        )

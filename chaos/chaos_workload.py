@@ -22,7 +22,7 @@ from typing import Any
 _LEAK: list[bytes] = []
 
 #: Kinds whose task should succeed (when no fault stops it).
-SUCCEEDING = frozenset({"pure", "spin", "sleep", "leak", "subproc"})
+SUCCEEDING = frozenset({"pure", "spin", "sleep", "leak", "subproc", "daemon", "setsid"})
 #: Kinds whose task always fails, and how.
 FAILING = frozenset({"timeout", "poison", "raise"})
 
@@ -48,6 +48,16 @@ def _spin(seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         pass
+
+
+def _daemon(seconds: float, *, new_session: bool) -> None:
+    """Leave a ``sleep`` behind that neither this process nor its group waits for."""
+    sh = subprocess.Popen(
+        ["sh", "-c", f"sleep {seconds} </dev/null >/dev/null 2>&1 &"],
+        start_new_session=new_session,
+        stdin=subprocess.DEVNULL,
+    )
+    sh.wait(timeout=30)
 
 
 class Work:
@@ -78,6 +88,10 @@ class Work:
             _LEAK.append(b"\1" * int(self.param * 2**20))  # resident at once
         elif kind == "subproc":
             subprocess.run(["sleep", str(self.param)], check=True)
+        elif kind == "daemon":  # double fork: the shell exits, its `sleep` is orphaned
+            _daemon(self.param, new_session=False)
+        elif kind == "setsid":  # setsid, then double fork: out of the worker's group and session
+            _daemon(self.param, new_session=True)
         elif kind == "poison":
             os.kill(os.getpid(), signal.SIGKILL)
         elif kind == "raise":

@@ -27,6 +27,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="also run the chaos soak (100,000 tasks at a 20%% fault rate; for releases)",
     )
     parser.addoption(
+        "--chaos-soak-tasks",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="how many tasks the soak (--chaos-long) runs (default 100,000; fewer for a time-boxed soak)",
+    )
+    parser.addoption(
         "--chaos-bound",
         type=float,
         default=120.0,
@@ -67,6 +74,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.section(f"chaos figures (seed {session_seed(config)})")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _core_guard(resilpool_core_guard: list[Any]) -> None:
+    """No ERROR from the core and no rebuild unless the test asks (resilpool.testing.plugin)."""
 
 
 @pytest.fixture(scope="session", autouse=True)

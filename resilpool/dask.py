@@ -21,7 +21,7 @@ only when a backend is created, so ``import resilpool`` never needs it.
 Ownership: a backend serves one pool at a time.  It owns the ``LocalCluster`` it
 started (closed when the pool's last core finishes) and the telemetry its cores
 publish (``samples``, ``peak_rss``: what the pool's ``workers()`` and ``stats()``
-read).  The cores (``resilpool._core.dask_core``) own everything else.
+read).  The cores (``resilpool._core.dask``) own everything else.
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ import importlib.util
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 from . import errors
 from ._core.serialization import Serializer, serialize_task
 from .events import Event
 from .supervisor.limits import Limits
+
+if TYPE_CHECKING:
+    from ._core.commands import Backend
+    from ._core.dask.client import DaskCore
+    from ._core.executor import CoreConfig
 
 __all__ = ["DaskBackend"]
 
@@ -123,57 +128,43 @@ class DaskBackend:
         self.monitor_interval_s = float(monitor_interval) if monitor_interval is not None else 0.2
         self._lock = threading.Lock()
         self._cluster: Any = None  # the LocalCluster we started (None: not started, or closed)
-        self._active: Any = None  # the core made last (a rebuild replaces it)
+        self._active: DaskCore | None = None  # the core made last (a rebuild replaces it)
         self._telemetry = _Telemetry()
 
     # --- what the pool calls ----------------------------------------------------------
 
     def make_core(
         self,
+        config: CoreConfig,
         *,
-        max_workers: int,
-        mp_context: Any,
-        initializer: Callable[..., object] | None,
-        initargs: tuple[Any, ...],
-        max_tasks_per_worker: int | None,
-        max_startup_failures: int,
-        startup_window_s: float,
-        quarantine_after: int,
         emit: Callable[[Event], None],
         on_broken: Callable[[Any, BaseException], None] | None,
         limits: Limits,
         serializer: Serializer = "auto",
-        **_local_only: Any,
-    ) -> Any:
+    ) -> DaskCore:
         """Connect a new core to the cluster (starting the LocalCluster first if need be).
 
-        ``mp_context`` is ignored (Dask starts its own worker processes), and so are the
-        local core's other options (``soft_max_rss``: ``limits`` carries every limit).
+        ``config.mp_context`` is ignored (Dask starts its own worker processes), and so are
+        the local core's other options (``soft_max_rss``: ``limits`` carries every limit).
         """
-        from ._core.dask_core import DaskCore
+        from ._core.dask.client import DaskCore
 
         init_body = None
-        if initializer is not None:
+        if config.initializer is not None:
             try:
-                init_body = serialize_task(0, initializer, tuple(initargs), {}, serializer)
+                init_body = serialize_task(0, config.initializer, tuple(config.initargs), {}, serializer)
             except errors.SerializationError as exc:
                 raise TypeError(f"initializer and initargs must be picklable to run on Dask workers: {exc}") from exc
         active = self._active
-        if active is not None and active.thread.is_alive() and not active._failing:
+        if active is not None and active.serving:
             raise RuntimeError("this DaskBackend already serves a running pool; make one DaskBackend per pool")
-        address, security = self._connect_target(max_workers)
+        address, security = self._connect_target(config.max_workers)
         try:
-            self._active = DaskCore(
+            core = self._active = DaskCore(
+                config,
                 backend=self,
                 address=address,
                 security=security,
-                max_workers=max_workers,
-                initializer=initializer,
-                initargs=tuple(initargs),
-                max_tasks_per_worker=max_tasks_per_worker,
-                max_startup_failures=max_startup_failures,
-                startup_window_s=startup_window_s,
-                quarantine_after=quarantine_after,
                 emit=emit,
                 on_broken=on_broken,
                 limits=limits,
@@ -183,12 +174,12 @@ class DaskBackend:
         except BaseException:
             self._close_cluster()
             raise
-        return self._active
+        return core
 
     def make_monitor(self, pool: Any) -> _Telemetry:
         """The pool's monitor: the cores sample the workers themselves and publish here."""
-        interval = getattr(pool, "_monitor_interval", None)
-        if not self._interval_fixed and isinstance(interval, (int, float)) and interval > 0:
+        interval = pool.config.monitor_interval  # the pool's frozen configuration (None: sampling off)
+        if not self._interval_fixed and interval is not None:
             self.monitor_interval_s = float(interval)
         return self._telemetry
 
@@ -289,3 +280,9 @@ def _security_of(target: Any) -> Any:
     if isinstance(target, str):
         return None
     return getattr(target, "security", None)
+
+
+if TYPE_CHECKING:
+
+    def _is_a_backend(backend: DaskBackend) -> Backend:
+        return backend  # mypy checks here that DaskBackend fits the pool's Backend seam

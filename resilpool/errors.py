@@ -12,6 +12,9 @@ written for :class:`concurrent.futures.ProcessPoolExecutor` keeps catching it::
     ├─ CrashLoopError (+BrokenProcessPool)       deaths, window
     └─ SerializationError (+pickle.PicklingError) part
 
+    RemoteTraceback (+concurrent.futures.process._RemoteTraceback)
+        the worker's traceback text, set as ``__cause__`` of an error raised in a worker
+
 Attributes are keyword arguments and stay on the instance; every error survives
 a pickle round trip (``__reduce__`` carries the attributes, notes and message),
 so an error can travel between processes and through a journal.  Earlier
@@ -22,13 +25,14 @@ from __future__ import annotations
 
 import pickle
 import signal
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any
 
 __all__ = [
     "CrashLoopError",
     "MemoryLimitError",
     "PoisonTaskError",
+    "RemoteTraceback",
     "ResilpoolError",
     "SerializationError",
     "TaskStalledError",
@@ -265,6 +269,22 @@ class SerializationError(ResilpoolError, pickle.PicklingError):
 
     def __init__(self, message: str, *, part: str | None = None, task_id: int | None = None) -> None:
         super().__init__(message, part=part, task_id=task_id)
+
+
+class RemoteTraceback(_RemoteTraceback):
+    """The traceback of an exception raised in a worker, as text; set as the error's ``__cause__``.
+
+    A subclass of the stdlib's ``concurrent.futures.process._RemoteTraceback``, so code
+    (and tests) written for :class:`~concurrent.futures.ProcessPoolExecutor` that look
+    for that class find it. ``str()`` is the traceback text; so is the ``tb`` attribute.
+    """
+
+    def __init__(self, tb: str) -> None:
+        Exception.__init__(self, tb)  # the stdlib's __init__ (typed as taking a TracebackType) sets only tb
+        self.tb = tb
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.tb,))
 
 
 def _mib(n: int | None) -> str:

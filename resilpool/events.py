@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 __all__ = [
     "CoreRebuilt",
     "CrashLoopTripped",
+    "DURATION_BOUNDS_S",
     "DispatchPaused",
     "DispatchResumed",
+    "DurationHistogram",
     "Event",
     "ExitReason",
     "PoolStats",
@@ -42,6 +44,7 @@ class ExitReason(enum.Enum):
     CRASH = "crash"  #: died by itself (signal, os._exit, segfault, OOM killer)
     STARTUP = "startup"  #: died before it was ready (initializer failed, broken environment)
     SHUTDOWN = "shutdown"  #: the pool shut down
+    ABORT = "abort"  #: killed: its task was aborted (ResilientPool.abort, shutdown(kill_running=True))
     REBUILD = "rebuild"  #: its core broke and was replaced
 
     @property
@@ -159,6 +162,40 @@ class WorkerInfo:
     retiring: bool  #: it takes no new task and leaves after the ones it has
 
 
+#: The upper bounds, seconds, of the buckets of every task-duration histogram: from tiny
+#: tasks to hour-long ones (the last bucket, +Inf, is implied). Fixed, so that histograms
+#: of two cores, or two pools, add up bucket by bucket.
+DURATION_BOUNDS_S: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DurationHistogram:
+    """Task durations (seconds from submission to resolution), in Prometheus's form.
+
+    ``cumulative[i]`` counts the tasks that took at most ``bounds_s[i]`` seconds;
+    ``cumulative[-1]``, one more entry than there are bounds, counts them all (the +Inf
+    bucket, :attr:`count`). ``sum_s`` is their total duration.
+    """
+
+    bounds_s: tuple[float, ...] = DURATION_BOUNDS_S
+    cumulative: tuple[int, ...] = (0,) * (len(DURATION_BOUNDS_S) + 1)
+    sum_s: float = 0.0
+
+    @property
+    def count(self) -> int:
+        """Every task counted."""
+        return self.cumulative[-1]
+
+    def __add__(self, other: DurationHistogram) -> DurationHistogram:
+        if other.bounds_s != self.bounds_s:
+            raise ValueError("DurationHistogram: only histograms with the same bounds_s add up")
+        return DurationHistogram(
+            bounds_s=self.bounds_s,
+            cumulative=tuple(a + b for a, b in zip(self.cumulative, other.cumulative, strict=True)),
+            sum_s=self.sum_s + other.sum_s,
+        )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolStats:
     """A frozen snapshot of the pool's counters (``ResilientPool.stats()``)."""
@@ -179,3 +216,12 @@ class PoolStats:
     peak_worker_rss: int = 0  #: highest process-tree RSS sampled, bytes
     rebuilds: int = 0
     broken: bool = False
+    #: tasks failed, by the qualified name of their exception's type (``"ValueError"``,
+    #: ``"resilpool.errors.WorkerCrashedError"``); the values add up to ``failed``
+    errors: dict[str, int] = field(default_factory=dict)
+    #: attempts scheduled again, by the qualified name of their error's type; the values
+    #: add up to ``retried``
+    retried_errors: dict[str, int] = field(default_factory=dict)
+    #: seconds from submission to resolution of every task resolved, under ``"succeeded"``
+    #: (``completed`` tasks) and ``"failed"`` (``failed`` ones); cancelled tasks are not timed
+    durations: dict[str, DurationHistogram] = field(default_factory=dict)

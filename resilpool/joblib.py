@@ -22,38 +22,44 @@ to a batch as a whole.  joblib's callbacks (which consume the caller's input
 iterator and pickle the next batch) run on the backend's own callback thread,
 never on the pool's manager thread.
 
-Ownership: the backend's ``_lock`` guards ``_run``, ``_generation``, ``_users``,
-``_closed`` and ``_callbacks``; a :class:`_Run` (one pool and the futures submitted
-to it) is shared by the caller's thread and the callback thread under its own lock.
-Pools are started and shut down outside ``_lock``.
+Pools: the backend does not build a pool per Parallel call.  It takes the process-wide
+*reusable* pool for its configuration (see :class:`_Reusable`; like loky's
+``get_reusable_executor``), keeps it while a Parallel call (or a ``with Parallel()``
+block) runs, and gives it back at the end, so the next call finds its workers warm.
+An abort cancels and kills only that call's batches; the pool stays.
 
-Invariant: a pool the backend created is shut down, its workers and threads joined,
-by ``abort_everything()`` or by the ``terminate()`` that ends the last Parallel call
-using it; no pool is created after that ``terminate()`` (``_users`` is 0).
+Ownership: the backend's ``_lock`` guards ``_call``, ``_generation``, ``_users``,
+``_closed`` and ``_callbacks``; a :class:`_Call` (the pool and the futures submitted
+to it) is shared by the caller's thread and the callback thread under its own lock.
+Pools are started and shut down outside every lock.
+
+Invariant: when ``terminate()`` ends the last Parallel call of a backend, none of its
+batches is left running, its memory-mapping folder is removed, and it holds no pool.
 """
 
 from __future__ import annotations
 
+import atexit
+import copyreg
 import dataclasses
 import functools
+import io
 import logging
 import multiprocessing
 import multiprocessing.context
 import os
 import pickle
 import queue
-import signal
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any, Final, final
 
-import tenacity
-from joblib import cpu_count, register_parallel_backend  # type: ignore[import-untyped]
+from joblib import _memmapping_reducer, cpu_count, register_parallel_backend  # type: ignore[import-untyped]
+from joblib.disk import memstr_to_bytes  # type: ignore[import-untyped]
 from joblib.parallel import (  # type: ignore[import-untyped]
     AutoBatchingMixin,
     FallbackToBackend,
@@ -64,7 +70,7 @@ from joblib.parallel import (  # type: ignore[import-untyped]
 from . import errors
 from ._core.serialization import Serializer, _needs_by_value, _unpicklable_part
 from ._pool import ResilientPool
-from .events import Event, ExitReason, PoolStats
+from .events import Event, PoolStats
 from .retry import RetryPolicy
 from .supervisor.breaker import Breaker
 from .supervisor.limits import Limits
@@ -76,13 +82,13 @@ try:
 except ImportError:  # pragma: no cover - a dependency of the joblib extra
     cloudpickle = None
 
-__all__ = ["ResilpoolBackend", "register"]
+__all__ = ["ResilpoolBackend", "get_reusable_pool", "register", "shutdown_reusable_pool"]
 
 log = logging.getLogger("resilpool")
 
 #: Name of resilpool's worker processes (``multiprocessing.current_process().name``).
 _WORKER_NAME: Final = "resilpool-worker"
-#: How long an abort keeps killing workers until every batch it submitted is resolved.
+#: How long an abort waits for the batches it cancelled or killed to resolve.
 _ABORT_TIMEOUT_S: Final = 10.0
 _JOIN_S: Final = 5.0
 #: How long terminate() waits for an owned pool's workers and threads to exit.
@@ -168,20 +174,117 @@ def _options(base: _Options | None, kwargs: dict[str, Any]) -> _Options:
     return opts
 
 
-# --- one pool and what was submitted to it -----------------------------------------
+# --- the reusable pool ------------------------------------------------------------
 
 
-class _Run:
-    """One pool (owned or borrowed) and the futures this backend submitted to it."""
+@dataclasses.dataclass(eq=False)
+class _Shared:
+    """A pool the backend built, shared by the Parallel calls configured the same way."""
 
-    def __init__(self, pool: ResilientPool, owned: bool, key: tuple[Any, ...], retry: RetryPolicy | None, aborting: threading.Event) -> None:
+    pool: ResilientPool
+    key: tuple[Any, ...]
+    users: int = 0  # Parallel calls holding it; guarded by _Reusable._lock
+
+
+class _Reusable:
+    """The process-wide reusable pool, as loky's ``get_reusable_executor`` keeps one executor.
+
+    One *current* pool, built for one configuration (workers, limits, start method,
+    initializer, serializer, breaker, worker environment).  A call with the same
+    configuration reuses it; another configuration replaces it: the old pool is shut down
+    at once when idle, or by the release of its last user.
+
+    Ownership: ``_lock`` guards ``_current`` and every ``_Shared.users``; pools are built
+    and shut down outside it.  Invariant: a pool that is not current and has no user is
+    shut down (or being shut down) by the thread that made it so.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: _Shared | None = None
+
+    def acquire(self, key: tuple[Any, ...], build: Callable[[], ResilientPool]) -> _Shared:
+        with self._lock:
+            cur = self._current
+            if cur is not None and cur.key == key and not cur.pool.stats().broken:
+                cur.users += 1
+                return cur
+            self._current = None
+            stale = cur if cur is not None and cur.users == 0 else None
+        if stale is not None:
+            _close(stale.pool)
+        new = _Shared(build(), key, users=1)
+        with self._lock:
+            lost, self._current = self._current, new  # a concurrent acquire built one too
+            stale = lost if lost is not None and lost.users == 0 else None
+        if stale is not None:
+            _close(stale.pool)
+        return new
+
+    def release(self, shared: _Shared) -> None:
+        with self._lock:
+            shared.users -= 1
+            stop = shared.users == 0 and shared is not self._current
+        if stop:
+            _close(shared.pool)
+
+    def current(self) -> ResilientPool | None:
+        cur = self._current
+        return cur.pool if cur is not None else None
+
+    def shutdown(self) -> None:
+        with self._lock:
+            cur, self._current = self._current, None
+        if cur is not None:
+            _close(cur.pool)
+
+
+_REUSABLE: Final = _Reusable()
+
+
+def get_reusable_pool() -> ResilientPool | None:
+    """The pool the ``"resilpool"`` backend keeps between Parallel calls, if one is alive."""
+    return _REUSABLE.current()
+
+
+def shutdown_reusable_pool() -> None:
+    """Shut the backend's reusable pool down now (it is also shut down at interpreter exit).
+
+    The next Parallel call starts a new one.  A call still running on it fails.
+    """
+    _REUSABLE.shutdown()
+
+
+atexit.register(shutdown_reusable_pool)
+
+
+def _close(pool: ResilientPool) -> None:
+    try:
+        pool.shutdown(wait=True, cancel_futures=True, kill_running=True)
+    except Exception:
+        log.error("resilpool joblib: shutting a pool down failed", exc_info=True)
+
+
+# --- one Parallel call -------------------------------------------------------------
+
+
+class _Call:
+    """The pool one Parallel call (or one managed ``with Parallel()`` block) submits to, and its futures.
+
+    Shared by the caller's thread and the callback thread under ``lock``.
+    """
+
+    def __init__(
+        self, pool: ResilientPool, shared: _Shared | None, retry: RetryPolicy | None, memmap: _Memmap | None, opts: _Options
+    ) -> None:
         self.pool = pool
-        self.owned = owned
-        self.key = key
-        self.retry = retry  # per task on a borrowed pool; an owned pool has it as its default
-        self.aborting = aborting
-        self.fork = bool(getattr(pool, "_fork", False))
-        self.serializer: Serializer = getattr(pool, "_serializer", "auto")
+        self.shared = shared  # None: a pool the user passed (pool=)
+        self.retry = retry  # per batch: calls with other retry= share the pool
+        self.memmap = memmap
+        # How batches are pickled: from the options the pool was built with. A pool you pass
+        # (pool=) is taken as not forking, with serializer "auto": by value when in doubt.
+        self.fork = shared is not None and _start_method(opts.mp_context) == "fork"
+        self.serializer: Serializer = opts.serializer
         self.lock = threading.Lock()
         self.futures: set[Future[Any]] = set()
 
@@ -194,21 +297,83 @@ class _Run:
             self.futures.discard(fut)
 
 
-class _UnlessAborting(tenacity.retry_base):
-    """A retry predicate that says no once the Parallel call is being aborted."""
+class _Memmap:
+    """joblib's automatic memory-mapping for one Parallel call (``max_nbytes``, ``mmap_mode``, ``temp_folder``).
 
-    def __init__(self, aborting: threading.Event) -> None:
-        self.aborting = aborting
+    joblib's own forward reducer (``joblib._memmapping_reducer``, as its loky backend uses
+    it) dumps each array over ``max_nbytes`` once into a per-call folder and sends a
+    reference; the worker maps the file.  The folder (and joblib's resource manager,
+    which starts a tracker process) is made only when the first such array is pickled, so
+    a call without large arrays pays nothing.  :meth:`clean` deletes the folder at the
+    end of the call, whatever happened to the workers (a killed worker's maps die with it).
 
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return not self.aborting.is_set()
+    Pickling runs on the caller's thread and on the callback thread: ``_lock`` guards ``_reduce``.
+    """
+
+    def __init__(self, max_nbytes: int, mmap_mode: str, temp_folder: str | None, context_id: Any, verbose: int) -> None:
+        self._settings = (max_nbytes, mmap_mode, temp_folder, context_id, verbose)
+        self._max_nbytes = max_nbytes
+        self._lock = threading.Lock()
+        self._manager: Any = None
+        self._reduce: Callable[[Any], Any] | None = None
+        np = _memmapping_reducer.np
+        self._forward: dict[Any, Any] = {np.ndarray: self._reduce_array, np.memmap: self._reduce_array}
+
+    def _reduce_array(self, a: Any) -> Any:
+        if a.nbytes <= self._max_nbytes and not _memmapping_reducer.has_shareable_memory(a):
+            return a.__reduce_ex__(_HIGHEST)  # small and in memory: pickled as usual
+        with self._lock:
+            if self._reduce is None:
+                max_nbytes, mmap_mode, temp_folder, context_id, verbose = self._settings
+                self._manager = _memmapping_reducer.TemporaryResourcesManager(temp_folder, context_id=context_id)
+                # unlink_on_gc_collect=False: joblib's per-file reference counting needs loky's
+                # resource tracker in the workers; ours are not loky's, so the call's end removes the files.
+                forward, _ = _memmapping_reducer.get_memmapping_reducers(
+                    temp_folder_resolver=self._manager.resolve_temp_folder_name,
+                    max_nbytes=max_nbytes,
+                    mmap_mode=mmap_mode,
+                    unlink_on_gc_collect=False,
+                    verbose=verbose,
+                    prewarm=False,
+                )
+                self._reduce = forward[_memmapping_reducer.np.ndarray]
+            reduce = self._reduce
+        return reduce(a)
+
+    def dumps(self, batch: Any, by_value: bool) -> bytes:
+        buf = io.BytesIO()
+        pickler: pickle.Pickler
+        if by_value and cloudpickle is not None:
+            pickler = cloudpickle.CloudPickler(buf, protocol=_HIGHEST)
+            pickler.dispatch_table = {**pickler.dispatch_table, **self._forward}
+        else:
+            pickler = pickle.Pickler(buf, protocol=_HIGHEST)
+            pickler.dispatch_table = {**copyreg.dispatch_table, **self._forward}
+        pickler.dump(batch)
+        return buf.getvalue()
+
+    def clean(self) -> None:
+        with self._lock:
+            manager, self._manager, self._reduce = self._manager, None, None
+        if manager is None:
+            return
+        try:
+            # force: workers may have been killed holding a map; every file goes with its folder.
+            manager._clean_temporary_resources(force=True, allow_non_empty=True)
+        except Exception:
+            log.error("resilpool joblib: could not remove the memmapping folder", exc_info=True)
 
 
-def _abortable(policy: RetryPolicy | None, aborting: threading.Event) -> RetryPolicy | None:
-    # A batch killed by an abort must not be retried: its result is never read.
-    if policy is None:
+def _memmap_for(kwargs: dict[str, Any], parallel: Any) -> tuple[Any, ...] | None:
+    """The memory-mapping settings of this call, or None when nothing would be mapped."""
+    max_nbytes = kwargs.get("max_nbytes")
+    if max_nbytes is None or _memmapping_reducer.np is None:  # off, or no numpy: no array to map
         return None
-    return RetryPolicy(stop=policy.stop, wait=policy.wait, retry=tenacity.retry_all(policy.retry, _UnlessAborting(aborting)))
+    if isinstance(max_nbytes, str):
+        max_nbytes = memstr_to_bytes(max_nbytes)
+    mmap_mode = kwargs.get("mmap_mode") or "r"
+    return (int(max_nbytes), "r+" if mmap_mode == "w+" else mmap_mode, kwargs.get("temp_folder"),
+            getattr(parallel, "_id", None), int(kwargs.get("verbose") or 0))
 
 
 class _CallbackThread:
@@ -310,20 +475,32 @@ def _interactive_main() -> bool:
     return getattr(sys.modules.get("__main__"), "__file__", None) is None
 
 
-def _prepare(batch: Any, run: _Run) -> _Batch:
+def _prepare(batch: Any, call: _Call) -> _Batch:
     """Wrap a batch; decide, for ``serializer="auto"``, whether it must go by value.
 
     By value (cloudpickle) when a call's function is a lambda or a local function, or when
     a worker not forked from this process could not import something the batch refers to
     in an interactive ``__main__`` (a function, a class of an argument).  Otherwise the
-    pool's stdlib fast path.
+    pool's stdlib fast path.  With memory-mapping on, the batch is pickled here, through
+    joblib's array reducers.
     """
-    if run.serializer != "auto":
-        return _Batch(batch, None)
     items = getattr(batch, "items", None) or [(batch, (), {})]
-    if any(_needs_by_value(_unwrap(f), run.fork) for f, _, _ in items):
+    auto = call.serializer == "auto"
+    by_value = call.serializer == "cloudpickle" or (auto and any(_needs_by_value(_unwrap(f), call.fork) for f, _, _ in items))
+    check_main = auto and not by_value and not call.fork and _interactive_main()
+    if call.memmap is not None:
+        try:
+            data = call.memmap.dumps(batch, by_value)
+            if check_main and _MAIN_REF in data:
+                data = call.memmap.dumps(batch, True)
+        except Exception:
+            return _Batch(batch, None)  # the pool pickles it again and reports; _explain names the part
+        return _Batch(batch, data)
+    if not auto:
+        return _Batch(batch, None)
+    if by_value:
         return _Batch(batch, _cloudpickle_dumps(batch))
-    if run.fork or not _interactive_main():
+    if not check_main:
         return _Batch(batch, None)
     try:
         data = pickle.dumps(batch, _HIGHEST)
@@ -385,51 +562,46 @@ def _n_workers(n_jobs: int, pool: ResilientPool | None) -> int:
     return int(n_jobs)
 
 
-def _in_worker() -> bool:
-    return multiprocessing.current_process().name.startswith(_WORKER_NAME)
+def _start_method(mp_context: multiprocessing.context.BaseContext | str | None) -> str:
+    """The start method of a pool built with ``mp_context`` (ResilientPool's default: forkserver on Linux)."""
+    if mp_context is None:
+        return "forkserver" if sys.platform.startswith("linux") else "spawn"
+    return mp_context if isinstance(mp_context, str) else mp_context.get_start_method()
 
 
-def _aborted_error(pid: int) -> Callable[[Any, float], BaseException]:
-    def make(task: Any, elapsed: float) -> BaseException:
-        return errors.WorkerCrashedError(
-            f"worker {pid} was killed after {elapsed:.2f}s: joblib aborted the call (another batch failed)",
-            pid=pid,
-            exitcode=-signal.SIGKILL,
-            task_id=task.id,
-            fn_name=task.fn_name,
-        )
-
-    return make
-
-
-def _kill_busy_workers(pool: ResilientPool) -> None:
-    """SIGKILL the workers of ``pool`` that are running a task (the supervisor's kill seam)."""
-    core = getattr(pool, "_core", None)
-    if core is None or not hasattr(core, "kill_worker"):  # pragma: no cover - the seam moved
-        return
-    for w in pool.workers():
-        if w.task_id is not None:
-            core.kill_worker(w.pid, ExitReason.SHUTDOWN, _aborted_error(w.pid))
+def _nested_reason(nesting_level: int | None) -> str | None:
+    """Why a Parallel call here cannot start worker processes, in the words of joblib's own warnings."""
+    if multiprocessing.current_process().daemon:
+        return "cannot be called in a daemonic process (a multiprocessing worker)"
+    if multiprocessing.current_process().name.startswith(_WORKER_NAME):
+        return "cannot be nested inside a resilpool worker"
+    if _in_loky_worker():
+        # loky sets its own default start method in its workers, which no pool started there can use.
+        return "cannot be nested inside a loky worker"
+    if nesting_level and threading.current_thread() is not threading.main_thread():
+        return "cannot be nested below threads"
+    return None
 
 
-def _shutdown(pool: ResilientPool, timeout: float) -> None:
-    """``pool.shutdown(wait=True, cancel_futures=True)``, but give up (and log) after ``timeout``.
+def _in_loky_worker() -> bool:
+    executor = sys.modules.get("joblib.externals.loky.process_executor")
+    return bool(getattr(executor, "_CURRENT_DEPTH", 0))  # joblib's multiprocessing backend reads it too
 
-    ``shutdown(wait=True)`` has no timeout of its own; a pool that cannot finish (a task
-    left without a worker while it drains) must not hang the caller's Parallel call.
+
+def _aborted(reason: str) -> str:
+    return f"joblib aborted the Parallel call ({reason})"
+
+
+def _abort(pool: ResilientPool, futures: list[Future[Any]], reason: str) -> None:
+    """Cancel ``futures`` not started; kill the workers running the others (no retry); the pool stays.
+
+    Returns once every one is resolved (or after ``_ABORT_TIMEOUT_S``, logged): joblib
+    raises the call's error after this, and no batch of the call may still run then.
     """
-    pool.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        core = getattr(pool, "_core", None)
-        if core is None or not hasattr(core, "join"):  # pragma: no cover - the seam moved
-            break
-        if core.join(timeout=1.0) and core is pool._core:
-            break
-        if time.monotonic() > deadline:
-            log.error("resilpool joblib: the pool did not shut down within %.0fs; leaving it: %r", timeout, pool)
-            return
-    pool.shutdown(wait=True)  # the core is done: this only stops the monitor and event threads
+    pool.abort(futures, reason=_aborted(reason))
+    _, not_done = wait_futures(futures, timeout=_ABORT_TIMEOUT_S)
+    if not_done:
+        log.warning("resilpool joblib abort: %d batches still unresolved after %.0fs", len(not_done), _ABORT_TIMEOUT_S)
 
 
 # --- the backend ----------------------------------------------------------------
@@ -454,8 +626,8 @@ class ResilpoolBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         monitor_interval: seconds between two samples of the workers.
         serializer: ``"auto"``, ``"pickle"`` or ``"cloudpickle"``, as for the pool.
         listeners: callables given every pool event (``pool.add_listener``).
-        pool: run on this pool, which you own (it stays open; nothing is killed on an
-            abort); exclusive with the options above but ``retry``.
+        pool: run on this pool, which you own (it stays open; an abort kills only the
+            call's batches); exclusive with the options above but ``retry``.
 
     ``n_jobs`` is the number of workers (-1: the CPUs this process may use); ``n_jobs=1``
     runs the calls in the calling process, as with every joblib backend, unsupervised.
@@ -473,7 +645,8 @@ class ResilpoolBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         if self._options.pool is not None:
             self.default_n_jobs = -1  # n_jobs unset: the whole pool you gave
         self._lock = threading.Lock()
-        self._run: _Run | None = None
+        self._call: _Call | None = None
+        self._memmap_settings: tuple[Any, ...] | None = None
         self._generation = 0  # bumped whenever _run is dropped: a pool built meanwhile is stale
         self._key: tuple[Any, ...] | None = None
         self._opts_in_use = self._options
@@ -488,39 +661,39 @@ class ResilpoolBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
     # --- joblib's backend API -------------------------------------------------------
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
-        """Workers for ``n_jobs``: -1 is every CPU this process may use; 1 inside a resilpool worker.
+        """Workers for ``n_jobs``: -1 is every CPU this process may use.
 
+        1, with a warning as loky gives, where no pool can start: in a daemonic process,
+        inside a resilpool or loky worker, or in a thread below another Parallel call.
         With ``pool=``: at most the pool's size, and -1 is the whole pool.
         """
         return self._effective(n_jobs, self._opts_in_use.pool)
 
-    @staticmethod
-    def _effective(n_jobs: int | None, pool: ResilientPool | None) -> int:
+    def _effective(self, n_jobs: int | None, pool: ResilientPool | None) -> int:
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
             return 1
-        if _in_worker():
+        reason = _nested_reason(self.nesting_level)
+        if reason is not None:
             if n_jobs != 1:
-                warnings.warn(
-                    "resilpool-backed parallel loops cannot be nested inside a resilpool worker, setting n_jobs=1",
-                    stacklevel=4,
-                )
+                warnings.warn(f"Resilpool-backed parallel loops {reason}, setting n_jobs=1", stacklevel=4)
             return 1
         return _n_workers(n_jobs, pool)
 
     def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **kwargs: Any) -> int:
         """Check the options for this Parallel call; return the number of workers.
 
-        The pool itself starts with the first batch, and is shared with the other
-        Parallel calls configured (and not yet terminated) with the same options.
+        The pool is the process-wide reusable one for these options (see :func:`get_reusable_pool`),
+        taken with the first batch and kept for the next Parallel call.
         """
         opts = _options(self._options, {k: v for k, v in kwargs.items() if k not in _JOBLIB_ARGS})
         n = self._effective(n_jobs, opts.pool)
         if n == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         env = self._prepare_worker_env(n_jobs=n) if opts.pool is None else {}
-        key = (n, opts, tuple(sorted(env.items())))
+        key = (n, dataclasses.replace(opts, retry=None), tuple(sorted(env.items())))
+        memmap = _memmap_for(kwargs, parallel)
         with self._lock:
             if self._users and self._key != key:
                 raise RuntimeError(
@@ -531,6 +704,7 @@ class ResilpoolBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
             self._opts_in_use = opts
             self._env = env
             self._n_jobs = n
+            self._memmap_settings = memmap
             self._users += 1
             self._closed = False
         self.parallel = parallel
@@ -543,29 +717,29 @@ class ResilpoolBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         future's exception, so joblib reports it from any thread, as it reports a failed batch.
         """
         callbacks: _CallbackThread | None = None
-        run: _Run | None = None
+        call: _Call | None = None
         try:
-            run, callbacks = self._ensure_run()
-            call = _prepare(func, run)
-            fut = run.pool.submit(call, retry=run.retry)
-            call.release()
+            call, callbacks = self._ensure_call()
+            batch = _prepare(func, call)
+            fut = call.pool.submit(batch, retry=call.retry)
+            batch.release()
             exc = fut.exception() if fut.done() else None
             if isinstance(exc, errors.SerializationError):
-                err = _explain(func, exc, run.serializer)
+                err = _explain(func, exc, call.serializer)
                 if err is not exc:
                     fut = Future()
                     fut.set_exception(err)
         except Exception as exc:
             fut = Future()
             fut.set_exception(exc)
-        if run is not None:
-            with run.lock:
-                run.futures.add(fut)
+        if call is not None:
+            with call.lock:
+                call.futures.add(fut)
         deliver = callbacks or self._callbacks
 
         def done(f: Future[Any]) -> None:  # on the pool's manager thread: enqueue only
-            if run is not None:
-                run.forget(f)
+            if call is not None:
+                call.forget(f)
             if callback is not None and deliver is not None:
                 deliver.put(callback, f)
 
@@ -579,55 +753,51 @@ class ResilpoolBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
         return out.result(timeout=0)  # done: joblib calls this from the batch's done-callback
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """Cancel the batches not started; kill the workers running ours (only in a pool we own).
+        """Cancel this call's batches not started; kill the workers running the others (no retry).
 
-        Killed batches are not retried.  With ``ensure_ready`` the next batch starts a new pool.
+        The pool itself stays (it is reused); only this call's batches are touched.
         """
         with self._lock:
-            run, self._run = self._run, None
+            call, self._call = self._call, None
             self._generation += 1
             if not ensure_ready:
                 self._closed = True
-        if run is not None:
-            self._stop(run, kill=True)
+        if call is not None:
+            self._end(call, reason="a batch failed")
 
     def terminate(self) -> None:
-        """End of a Parallel call: the last user of an owned pool shuts it down and joins it."""
+        """End of a Parallel call: give the pool back (it stays for the next call), clean temp files."""
         with self._lock:
             self._users = max(0, self._users - 1)
             if self._users:
                 return
-            run, self._run = self._run, None
+            call, self._call = self._call, None
             self._generation += 1
             callbacks, self._callbacks = self._callbacks, None
-        if run is not None:
-            self._stop(run, kill=bool(run.unresolved()))
+        if call is not None:
+            self._end(call, reason="its results are no longer wanted")
         if callbacks is not None:
             callbacks.stop()
         self.reset_batch_stats()
-
-    def get_nested_backend(self) -> tuple[Any, int | None]:
-        """joblib calls inside a task run sequentially in its worker."""
-        return SequentialBackend(nesting_level=(self.nesting_level or 0) + 1), None
 
     # --- observability ----------------------------------------------------------------
 
     @property
     def pool(self) -> ResilientPool | None:
         """The pool running this backend's batches now; None between Parallel calls."""
-        run = self._run
-        return run.pool if run is not None else None
+        call = self._call
+        return call.pool if call is not None else None
 
     def stats(self) -> PoolStats | None:
-        """Counters of the current pool, or of the last one when it has been shut down."""
-        run = self._run
-        if run is not None:
-            return run.pool.stats()
+        """Counters of the pool in use, or of the last one this backend used (a reused pool counts every call)."""
+        call = self._call
+        if call is not None:
+            return call.pool.stats()
         return self._last_stats
 
     # --- internals ------------------------------------------------------------------
 
-    def _ensure_run(self) -> tuple[_Run, _CallbackThread]:
+    def _ensure_call(self) -> tuple[_Call, _CallbackThread]:
         for _ in range(3):
             with self._lock:
                 if self._closed or not self._users:
@@ -635,65 +805,60 @@ class ResilpoolBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[
                 if self._callbacks is None:
                     self._callbacks = _CallbackThread()
                 callbacks = self._callbacks
-                if self._run is not None:
-                    return self._run, callbacks
+                if self._call is not None:
+                    return self._call, callbacks
                 generation = self._generation
-                opts, key, env, n_jobs = self._opts_in_use, self._key, self._env, self._n_jobs
-            run = self._new_run(opts, key, env, n_jobs)  # starts processes: not under the lock
+                opts, key, env, n_jobs, memmap = self._opts_in_use, self._key, self._env, self._n_jobs, self._memmap_settings
+            call = self._new_call(opts, key or (), env, n_jobs, memmap)  # may start processes: not under the lock
             with self._lock:
-                if self._run is None and self._generation == generation and self._users and not self._closed:
-                    self._run = run
-                    return run, callbacks
-            self._stop(run, kill=False)  # lost a race with another submitter, an abort or terminate
+                if self._call is None and self._generation == generation and self._users and not self._closed:
+                    self._call = call
+                    return call, callbacks
+            self._end(call, reason="it was reconfigured")  # lost a race with another submitter, an abort or terminate
         raise RuntimeError("the resilpool backend is being reconfigured or terminated concurrently")
 
     @staticmethod
-    def _new_run(opts: _Options, key: tuple[Any, ...] | None, env: dict[str, str], n_jobs: int) -> _Run:
-        aborting = threading.Event()
-        retry = _abortable(opts.retry, aborting)
+    def _new_call(opts: _Options, key: tuple[Any, ...], env: dict[str, str], n_jobs: int, memmap: tuple[Any, ...] | None) -> _Call:
+        mm = _Memmap(*memmap) if memmap is not None else None
         if opts.pool is not None:
-            return _Run(opts.pool, False, key or (), retry, aborting)
-        pool = ResilientPool(
-            n_jobs,
-            mp_context=opts.mp_context,
-            initializer=_init_worker,
-            initargs=(env, opts.initializer, opts.initargs),
-            limits=opts.limits,
-            retry=retry,
-            breaker=opts.breaker,
-            serializer=opts.serializer,
-            **({} if opts.monitor_interval is None else {"monitor_interval": opts.monitor_interval}),
-        )
-        for fn in opts.listeners:
-            pool.add_listener(fn)
-        return _Run(pool, True, key or (), None, aborting)
+            return _Call(opts.pool, None, opts.retry, mm, opts)
 
-    def _stop(self, run: _Run, *, kill: bool) -> None:
-        """Stop using ``run``: on abort cancel its batches and kill its workers; shut an owned pool down."""
-        if kill:
-            run.aborting.set()
-            for f in run.unresolved():
-                f.cancel()  # those not started yet
-            pending = run.unresolved()
-            if run.owned:
-                # Kill before shutting down: while the pool drains it starts no replacement, and a
-                # batch queued behind a killed one would wait for a worker forever.  Each round
-                # kills the workers busy now; a batch still queued runs on a replacement, is
-                # killed in a later round or finishes.
-                deadline = time.monotonic() + _ABORT_TIMEOUT_S
-                while pending and time.monotonic() < deadline:
-                    _kill_busy_workers(run.pool)
-                    _, not_done = wait_futures(pending, timeout=1.0)
-                    pending = list(not_done)
-                if pending:
-                    log.warning("resilpool joblib abort: %d batches still unresolved after %.0fs", len(pending), _ABORT_TIMEOUT_S)
-        if run.owned:
-            _shutdown(run.pool, _SHUTDOWN_TIMEOUT_S)
-            self._last_stats = run.pool.stats()
+        def build() -> ResilientPool:
+            extra: dict[str, Any] = {} if opts.monitor_interval is None else {"monitor_interval": opts.monitor_interval}
+            pool = ResilientPool(
+                n_jobs,
+                mp_context=opts.mp_context,
+                initializer=_init_worker,
+                initargs=(env, opts.initializer, opts.initargs),
+                limits=opts.limits,
+                breaker=opts.breaker,
+                serializer=opts.serializer,
+                **extra,
+            )
+            # Listeners are part of the configuration: they stay for the pool's life, so the
+            # events of a call's last moments (an abort's kills) still reach them after it.
+            for fn in opts.listeners:
+                pool.add_listener(fn)
+            return pool
+
+        shared = _REUSABLE.acquire(key, build)
+        return _Call(shared.pool, shared, opts.retry, mm, opts)
+
+    def _end(self, call: _Call, *, reason: str) -> None:
+        """Stop using ``call``'s pool: abort its unfinished batches, give the pool back, remove its temp files."""
+        unresolved = call.unresolved()
+        if unresolved:
+            _abort(call.pool, unresolved, reason)
+        self._last_stats = call.pool.stats()
+        if call.memmap is not None:
+            call.memmap.clean()
+        if call.shared is not None:
+            _REUSABLE.release(call.shared)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled (inside a task, say) it travels without its pool; in a worker it runs sequentially.
         return (ResilpoolBackend, ())
+
 
 
 def register(name: str = "resilpool", *, make_default: bool = False) -> None:

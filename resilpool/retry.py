@@ -16,10 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Final, TypeAlias, final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, final
 
-import tenacity
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_none
+# tenacity is imported by the first RetryPolicy, not with the pool: importing it imports
+# asyncio (and tornado, when installed), ~20-40 ms that a pool without retries never needs.
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from tenacity import RetryCallState
 
 __all__ = ["RetryPolicy", "RetrySpec"]
 
@@ -29,6 +33,18 @@ log = logging.getLogger("resilpool")
 #: e.g. from ``wait_exponential()`` without ``max`` after many attempts) are clamped:
 #: the manager's ``select()`` cannot wait more than ~24.8 days (2**31 ms) at once.
 MAX_DELAY_S: Final = 7 * 24 * 3600.0
+
+_TENACITY: list[ModuleType] = []
+
+
+def _tenacity() -> ModuleType:
+    """The tenacity module, imported on first need (never while the pool forks a worker)."""
+    if not _TENACITY:
+        from ._core.lazy import import_module
+
+        _TENACITY.append(import_module("tenacity"))
+    return _TENACITY[0]
+
 
 def _no_sleep(seconds: float) -> None:  # pragma: no cover - never called: we never loop in Retrying
     raise AssertionError("resilpool schedules retries itself")
@@ -56,10 +72,11 @@ class RetryPolicy:
     __slots__ = ("_retrying", "retry", "stop", "wait")
 
     def __init__(self, *, stop: Any = None, wait: Any = None, retry: Any = None) -> None:
-        self.stop = stop_after_attempt(4) if stop is None else stop
-        self.wait = wait_none() if wait is None else wait
+        tenacity = _tenacity()
+        self.stop = tenacity.stop_after_attempt(4) if stop is None else stop
+        self.wait = tenacity.wait_none() if wait is None else wait
         # Any failure, as the brief says: SystemExit raised by a task is a failed attempt too.
-        self.retry = retry_if_exception_type(BaseException) if retry is None else retry
+        self.retry = tenacity.retry_if_exception_type(BaseException) if retry is None else retry
         for name in ("stop", "wait", "retry"):
             value = getattr(self, name)
             if isinstance(value, type):  # stop=stop_after_attempt: a class is callable, and silently wrong
@@ -69,7 +86,7 @@ class RetryPolicy:
                 )
             if not callable(value):
                 raise TypeError(f"RetryPolicy.{name} must be a tenacity strategy (callable), got {value!r}")
-        self._retrying = Retrying(stop=self.stop, wait=self.wait, retry=self.retry, reraise=True, sleep=_no_sleep)
+        self._retrying = tenacity.Retrying(stop=self.stop, wait=self.wait, retry=self.retry, reraise=True, sleep=_no_sleep)
 
     @classmethod
     def attempts(cls, retries: int) -> RetryPolicy:
@@ -78,7 +95,7 @@ class RetryPolicy:
             raise TypeError(f"retries must be an int >= 0, got {retries!r}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        return cls(stop=stop_after_attempt(retries + 1))
+        return cls(stop=_tenacity().stop_after_attempt(retries + 1))
 
     @staticmethod
     def coerce(spec: RetrySpec, *, field: str = "retry") -> RetryPolicy | None:
@@ -95,7 +112,7 @@ class RetryPolicy:
 
     def new_state(self, start_time: float | None = None) -> RetryCallState:
         """Per-task state, counting from the first attempt's start (``time.monotonic()``)."""
-        state = RetryCallState(self._retrying, fn=None, args=(), kwargs={})
+        state: RetryCallState = _tenacity().RetryCallState(self._retrying, fn=None, args=(), kwargs={})
         if start_time is not None:
             state.start_time = start_time
         return state
@@ -111,6 +128,7 @@ class RetryPolicy:
         That keeps user code from breaking the manager thread that calls this.
         A delay is clamped to ``[0, MAX_DELAY_S]``; NaN counts as 0.
         """
+        tenacity = _tenacity()
         fut = tenacity.Future(state.attempt_number)
         fut.set_exception(error)
         state.outcome = fut

@@ -6,7 +6,6 @@ thread behind (the long-lived forkserver and resource tracker excepted).
 
 from __future__ import annotations
 
-import faulthandler
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
+from waits import wait_until  # noqa: F401 - re-exported: tests import it from here
 
 from resilpool import ResilientPool
 
@@ -40,19 +40,6 @@ def _children() -> set[int]:
     return out
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` until it is truthy; fail (with all stacks dumped) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            faulthandler.dump_traceback(all_threads=True)
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves a child process or a thread running."""
@@ -73,6 +60,11 @@ def no_leaks() -> Iterator[None]:
                     pass
             pytest.fail(f"test leaked child processes {sorted(extra_children)} / threads {[t.name for t in extra_threads]}")
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def _core_guard(resilpool_core_guard: list[Any]) -> None:
+    """No ERROR from the core and no rebuild unless the test asks (resilpool.testing.plugin)."""
 
 
 @pytest.fixture(params=START_METHODS)

@@ -232,6 +232,7 @@ def test_submit_after_shutdown_raises(make_pool) -> None:
         pool.submit(workload.inc, 1)
 
 
+@pytest.mark.resilpool_core_errors
 def test_initializer_runs_and_its_failure_surfaces(make_pool) -> None:
     pool = make_pool(1, initializer=workload.set_global, initargs=("ready",))
     assert pool.submit(workload.get_global).result(timeout=T) == "ready"
@@ -433,10 +434,11 @@ def test_retry_on_a_fresh_worker_runs_on_an_idle_pool(make_pool, tmp_path: Path)
     assert fut.result(timeout=T) == "ok"
 
 
+@pytest.mark.resilpool_core_errors
 def test_pool_broken_for_good_when_rebuilds_keep_failing(make_pool) -> None:
     pool = make_pool(1)
     for n in range(1, 7):
-        pool._break_core_for_test()
+        pool.break_core_for_test()
         if n <= 5:
             wait_until(lambda: pool.stats().rebuilds == n, what=f"rebuild {n}")
             assert pool.submit(workload.inc, 1).result(timeout=T) == 2
@@ -460,3 +462,242 @@ def test_shutdown_cancel_futures_gives_up_waiting_retries(make_pool) -> None:
     with pytest.raises(ValueError, match="first attempt") as info:
         fut.result(timeout=T)
     assert any("cancel_futures" in n for n in info.value.__notes__)
+
+
+# --- abort and shutdown(kill_running=True) ---------------------------------------------
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_abort_takes_queued_tasks_back_from_a_busy_worker_and_runs_the_rest_once(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(1)
+    list(pool.map(workload.inc, range(300), timeout=T))  # tiny tasks: several go down one pipe
+    release = tmp_path / "release"
+    started = tmp_path / "started"
+    busy = pool.submit(workload.touch_and_wait, str(started), str(release))
+    wait_until(started.exists, T, "the blocking task to start")
+    paths = [tmp_path / f"run{i}" for i in range(8)]
+    queued = [pool.submit(workload.count_run, str(p), i) for i, p in enumerate(paths)]
+    pool.abort(queued[::2], reason="every other one")  # the worker is busy: these are taken back
+    release.touch()
+    assert busy.result(timeout=T) > 0
+    for i, (f, p) in enumerate(zip(queued, paths)):
+        if i % 2 == 0:
+            with pytest.raises(cf.CancelledError):
+                f.result(timeout=T)
+            assert _lines(p) == 0
+        else:
+            assert f.result(timeout=T) == i
+            assert _lines(p) == 1
+    assert pool.stats().worker_crashes == 0
+
+
+def test_shutdown_kill_running_returns_and_resolves_every_future(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(1)
+    runs = tmp_path / "runs"
+    running = pool.submit(workload.count_and_wait, str(runs), str(tmp_path / "never"), retry=2)
+    wait_until(lambda: _lines(runs) == 1, T, "the task to start")  # its line written, not only the file made
+    queued = [pool.submit(workload.inc, i) for i in range(5)]
+    pool.shutdown(wait=True, cancel_futures=True, kill_running=True)
+    with pytest.raises(WorkerCrashedError, match="kill_running"):
+        running.result(timeout=0)
+    for f in queued:
+        assert f.cancelled() or isinstance(f.exception(timeout=0), cf.CancelledError)
+    assert _lines(runs) == 1
+
+
+# --- issue 13: nothing on the manager thread breaks the core; every state has a deadline ---
+
+
+@pytest.mark.resilpool_core_errors
+def test_junk_on_a_result_pipe_kills_only_that_worker(make_pool) -> None:  # type: ignore[no-untyped-def]
+    import core_workload
+
+    pool = make_pool(2)
+    junk = pool.submit(core_workload.write_junk, 64)
+    with pytest.raises(WorkerCrashedError, match="protocol error"):
+        junk.result(timeout=T)
+    assert [f.result(timeout=T) for f in [pool.submit(workload.inc, i) for i in range(20)]] == list(range(1, 21))
+    assert pool.stats().rebuilds == 0
+
+
+@pytest.mark.resilpool_core_errors
+def test_a_result_for_another_task_is_a_protocol_error_for_that_worker_only(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
+    import core_workload
+
+    pool = make_pool(2)
+    other = pool.submit(core_workload.start_and_wait, str(tmp_path / "s"), str(tmp_path / "r"))
+    wait_until((tmp_path / "s").exists, T, "the other task to start")
+    liar = pool.submit(core_workload.answer_for, 1)  # task 1 is `other`, running on the other worker
+    with pytest.raises(WorkerCrashedError, match="protocol error"):
+        liar.result(timeout=T)
+    (tmp_path / "r").touch()
+    assert other.result(timeout=T) > 0  # its real result, not the forged 42
+    assert pool.stats().rebuilds == 0
+
+
+def test_system_exit_while_unpickling_a_result_fails_only_that_task(make_pool) -> None:  # type: ignore[no-untyped-def]
+    import core_workload
+
+    pool = make_pool(2)
+    bad = pool.submit(core_workload.make_system_exit_on_unpickle)
+    with pytest.raises(SerializationError, match="SystemExit"):
+        bad.result(timeout=T)
+    assert pool.submit(workload.inc, 1).result(timeout=T) == 2
+    assert pool.stats().rebuilds == 0
+
+
+def test_a_done_callback_raising_system_exit_is_logged_and_breaks_nothing(make_pool, caplog) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(2)
+    seen: list[int] = []
+
+    def bad(_: cf.Future) -> None:  # type: ignore[type-arg]
+        raise SystemExit(1)
+
+    futs = []
+    for i in range(10):
+        f = pool.submit(workload.inc, i)
+        f.add_done_callback(bad)
+        f.add_done_callback(lambda f: seen.append(f.result()))
+        futs.append(f)
+    assert [f.result(timeout=T) for f in futs] == list(range(1, 11))
+    wait_until(lambda: len(seen) == 10, T, "every second callback to run")
+    assert pool.stats().rebuilds == 0
+    assert any("exception calling callback" in r.getMessage() for r in caplog.records)
+
+
+def test_after_a_burst_of_tiny_tasks_two_blocking_tasks_run_on_two_workers_at_once(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
+    import core_workload
+
+    pool = make_pool(2)
+    for _ in range(3):
+        futs = [pool.submit(workload.inc, i) for i in range(1000)]
+        assert futs[-1].result(timeout=T) == 1000
+        s = [tmp_path / f"s{i}" for i in range(2)]
+        release = tmp_path / "release"
+        blocking = [pool.submit(core_workload.start_and_wait, str(p), str(release)) for p in s]
+        wait_until(lambda: all(p.exists() for p in s), T, "both blocking tasks to start before either is released")
+        release.touch()
+        assert len({f.result(timeout=T) for f in blocking}) == 2  # two workers
+        for p in (*s, release):
+            p.unlink()
+        cf.wait(futs, timeout=T)
+
+
+def test_tasks_taken_back_from_a_busy_worker_run_exactly_once(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
+    import core_workload
+
+    pool = make_pool(2)
+    for rnd in range(4):
+        release = tmp_path / f"release{rnd}"
+        started = tmp_path / f"started{rnd}"
+        list(pool.map(workload.inc, range(500), timeout=T))  # tiny: deep pipelining
+        blocker = pool.submit(core_workload.start_and_wait, str(started), str(release))
+        runs = [tmp_path / f"r{rnd}-{i}" for i in range(200)]
+        tiny = [pool.submit(core_workload.record, str(p), i) for i, p in enumerate(runs)]
+        # Some of these were queued behind the blocker; the idle worker must run them all.
+        assert [f.result(timeout=T) for f in tiny] == list(range(200))
+        assert started.exists() or not blocker.done()
+        release.touch()
+        blocker.result(timeout=T)
+        assert all(len(p.read_text().splitlines()) == 1 for p in runs)
+
+
+@pytest.mark.resilpool_core_errors
+def test_a_worker_stopped_between_tasks_is_replaced_and_its_queue_runs_elsewhere(make_pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from resilpool import Limits
+
+    events: list[WorkerExited] = []
+    pool = make_pool(2, limits=Limits(stall_timeout=1.0))
+    pool.add_listener(lambda e: events.append(e) if isinstance(e, WorkerExited) else None)
+    list(pool.map(workload.inc, range(500), timeout=T))
+    # The other worker is kept busy, so the stopped one (idle, the least loaded) is sent
+    # the next tasks: they wait in its pipe, never started.
+    ran, go = tmp_path / "ran", tmp_path / "go"
+    blocker = pool.submit(workload.count_and_spin, str(ran), str(go))  # busy: no stall
+    wait_until(ran.exists, T, "the blocker to start")
+    busy = int(ran.read_text())
+    victim = next(w.pid for w in pool.workers() if w.pid != busy)
+    os.kill(victim, signal.SIGSTOP)
+    futs = [pool.submit(workload.inc, i) for i in range(500)]
+    wait_until(lambda: any(e.pid == victim and e.reason is ExitReason.STALL for e in events), T, "the stopped worker to be replaced")
+    go.touch()
+    assert [f.result(timeout=T) for f in futs] == list(range(1, 501))
+    assert blocker.result(timeout=T) == busy
+
+
+@pytest.mark.resilpool_core_errors
+def test_a_hung_initializer_misses_init_timeout_and_trips_the_breaker(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
+    import core_workload
+
+    from resilpool import Breaker, Limits
+
+    pool = make_pool(1, initializer=core_workload.hang, initargs=(str(tmp_path / "never"),), limits=Limits(init_timeout=0.3), breaker=Breaker(max_failures=1))
+    futs = [pool.submit(workload.inc, i) for i in range(5)]
+    for f in futs:
+        with pytest.raises(CrashLoopError):
+            f.result(timeout=T)
+    pool.shutdown(wait=True)  # returns
+
+
+def test_check_invariants_holds_after_mixed_work_and_flags_an_idle_pool_that_is_not(make_pool, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from resilpool._core.tasks import InvariantViolation
+
+    pool = make_pool(2)
+    futs = [pool.submit(workload.inc, i) for i in range(200)]
+    futs += [pool.submit(workload.raise_value_error, "x") for _ in range(5)]
+    futs.append(pool.submit(workload.kill_self))
+    cf.wait(futs, timeout=T)
+    pool.check_invariants(idle=True)
+    blocker = pool.submit(workload.wait_for_file, str(tmp_path / "go"))
+    pool.check_invariants()  # consistent while busy
+    with pytest.raises(InvariantViolation, match="unresolved in an idle pool"):
+        pool.check_invariants(idle=True)
+    (tmp_path / "go").touch()
+    blocker.result(timeout=T)
+
+
+@pytest.mark.resilpool_core_errors  # the pool logs the listener's exception at ERROR
+def test_a_listener_raising_system_exit_is_logged_and_later_events_still_arrive(make_pool, caplog) -> None:  # type: ignore[no-untyped-def]
+    from resilpool.events import WorkerStarted
+
+    pool = make_pool(1)
+    seen: list[object] = []
+
+    def bad(event: object) -> None:
+        raise SystemExit(2)
+
+    pool.add_listener(bad)
+    pool.add_listener(seen.append)
+    assert pool.submit(workload.inc, 1).result(timeout=T) == 2
+    # (The first WorkerStarted may have been delivered before the listeners were added.)
+    pool.submit(workload.kill_self)
+    wait_until(lambda: any(isinstance(e, WorkerExited) for e in seen), T, "an event after the bad listener")
+    wait_until(lambda: any(isinstance(e, WorkerStarted) and e.replaces for e in seen), T, "a later event")
+    assert any("listener" in r.getMessage() for r in caplog.records)
+
+
+def test_results_failing_to_unpickle_do_not_pin_their_workers_pipes() -> None:
+    # Found by the soak: the unpickling error's traceback began at the manager's frame,
+    # whose locals held the worker and its pipes; with every worker recycled after one task,
+    # each failed future held on to a dead worker's two descriptors for as long as it lived.
+    import gc
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    before = fds()
+    with ResilientPool(2, max_tasks_per_child=1) as pool:
+        futs = [pool.submit(workload.make_fails_to_unpickle) for _ in range(30)]
+        errs = [f.exception(timeout=RESULT_TIMEOUT) for f in futs]
+    gc.collect()
+    extra = fds() - before
+    assert all(isinstance(e, SerializationError) for e in errs)
+    # The unpickling's traceback travels as text (as a worker's does), naming the failing call.
+    causes = [e.__cause__ for e in errs if e is not None]
+    assert len(causes) == 30 and all(c is not None and c.__traceback__ is None for c in causes)
+    assert all(isinstance(c.__cause__, cf.process._RemoteTraceback) and "_raise_on_load" in str(c.__cause__) for c in causes if c)
+    assert extra <= 4, f"{extra} more fds open after shutdown while 30 failed futures are held"

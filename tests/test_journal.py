@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import pickle
 import random
 import sqlite3
@@ -19,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from resilpool import _task
-from resilpool._inputs import InputError, Malformed, Sink, detect_format, open_input
-from resilpool._journal import Journal, JournalError, open_readonly
-from resilpool._report import build_report, render_report
-from resilpool._run import _resumable_length
+from resilpool.cli import _task
+from resilpool.cli._inputs import InputError, Malformed, Sink, detect_format, line_digest, open_input
+from resilpool.cli._journal import Journal, JournalError, open_readonly
+from resilpool.cli._report import build_report, render_report
+from resilpool.cli._run import resume_output
 
 IDENTITY = {
     "function": "mod:f",
@@ -43,6 +44,10 @@ def new_journal(path: Path, identity: dict[str, str] = IDENTITY) -> Journal:
     return j
 
 
+def sink_at(path: Path, keep: int = 0) -> Sink:
+    return Sink(os.open(path, os.O_WRONLY | os.O_CREAT), str(path), keep=keep)
+
+
 def line(idx: int) -> bytes:
     return f'{{"index": {idx}, "input": {idx}, "result": {idx * idx}}}\n'.encode()
 
@@ -54,10 +59,10 @@ def line(idx: int) -> bytes:
 def test_a_kill_at_any_instant_leaves_no_duplicate_and_no_loss(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     print(f"seed {seed}")
-    n = 60
+    n = int(IDENTITY["item_count"])
     out = tmp_path / "out.jsonl"
     j = new_journal(tmp_path / "run.db")
-    sink = Sink(str(out))
+    sink = sink_at(out)
     stream = b""
     snapshots: list[tuple[Path, int, set[int]]] = []  # (journal copy, committed offset, done set)
     done: set[int] = set()
@@ -73,7 +78,7 @@ def test_a_kill_at_any_instant_leaves_no_duplicate_and_no_loss(tmp_path: Path, s
             sink.flush()
         if rng.random() < 0.2 or k == n - 1:
             offset = sink.sync()  # the runner's _commit: fsync, then commit
-            j.commit(offset)
+            j.commit(offset, line_digest(sink.last_line))
             snap = tmp_path / f"snap{len(snapshots)}.db"
             dst = sqlite3.connect(snap)
             j._conn.backup(dst)
@@ -98,12 +103,18 @@ def test_a_kill_at_any_instant_leaves_no_duplicate_and_no_loss(tmp_path: Path, s
             rj = Journal(str(db))
             try:
                 rj.bind(IDENTITY)
-                keep = _resumable_length(rj, str(resumed_out))
-                assert keep == offset
-                Sink(str(resumed_out), keep=keep).close()
+                fd = os.open(resumed_out, os.O_WRONLY)
+                keep, recovered, tail = resume_output(rj, str(resumed_out), fd)
+                # Every complete line written after the commit is recovered, the rest cut off.
+                whole = stream[:cut][: stream[:cut].rfind(b"\n") + 1]
+                assert keep == len(whole)
+                if recovered:
+                    rj.recover(recovered, keep, line_digest(tail))
+                Sink(fd, str(resumed_out), keep=keep).close()
                 indices = [json.loads(x)["index"] for x in resumed_out.read_bytes().splitlines()]
                 assert len(indices) == len(set(indices)), "a duplicate line survived the resume"
-                assert set(indices) == rj.done_indices() == committed, "a done item lost its line"
+                assert set(indices) == rj.done_indices() >= committed, "a done item lost its line"
+                assert len(recovered) == len(indices) - len(committed)
             finally:
                 rj.close()
 
@@ -111,28 +122,38 @@ def test_a_kill_at_any_instant_leaves_no_duplicate_and_no_loss(tmp_path: Path, s
 def test_an_output_shorter_than_the_journal_is_refused(tmp_path: Path) -> None:
     j = new_journal(tmp_path / "run.db")
     out = tmp_path / "out.jsonl"
-    sink = Sink(str(out))
+    sink = sink_at(out)
     for i in range(3):
         sink.write(line(i))
         j.add_done((i, 1, 1.0, 0.1, 1))
-    j.commit(sink.sync())
+    j.commit(sink.sync(), line_digest(sink.last_line))
     sink.close()
+
+    def resume() -> int:
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            return resume_output(j, str(out), fd)[0]
+        finally:
+            os.close(fd)
+
     out.write_bytes(line(0))
     with pytest.raises(JournalError, match=r"holds \d+ bytes, but journal .* records 3 results"):
-        _resumable_length(j, str(out))
+        resume()
     out.write_bytes(line(0) + line(1) + line(2)[:-1] + b"X")  # same length, not ending a line
     with pytest.raises(JournalError, match="restore the output file"):
-        _resumable_length(j, str(out))
-    out.unlink()
-    with pytest.raises(JournalError, match="is missing"):
-        _resumable_length(j, str(out))
+        resume()
+    out.write_bytes(line(0) + line(1) + line(2).replace(b"4", b"5"))  # same length, another last line
+    with pytest.raises(JournalError, match="is not the one journal .* wrote: the line that ends at byte"):
+        resume()
+    out.write_bytes(line(0) + line(1) + line(2) + line(3) + line(4)[:-3])
+    assert resume() == len(line(0) + line(1) + line(2) + line(3))  # item 3 recovered, the half line cut
     j.close()
 
 
 def test_sink_cuts_what_follows_the_kept_bytes(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     out.write_bytes(b"keep me\nhalf a li")
-    s = Sink(str(out), keep=8)
+    s = sink_at(out, keep=8)
     assert s.offset == 8
     s.write(b"next\n")
     assert s.sync() == 13
@@ -187,7 +208,7 @@ def test_item_states_attempts_and_runs(tmp_path: Path) -> None:
     j = Journal(str(path))
     j.bind(IDENTITY)
     second = j.begin_run(["resilpool", "run"], 2)
-    assert j.counts() == {"pending": 2, "done": 1}  # unfinished items run again
+    assert j.counts() == {"pending": 1, "failed": 1, "done": 1}  # an interrupted item is pending again
     j.add_done((2, 5000, 20.0, 0.5, 2**21))
     j.add_done((1, 5000, 20.0, 0.5, 2**21))
     j.commit(0)
@@ -223,6 +244,43 @@ def test_open_readonly_refuses_what_is_not_a_journal(tmp_path: Path) -> None:
         open_readonly(str(tmp_path / "other.db"))
 
 
+def test_an_unrelated_sqlite_database_is_refused_and_left_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE customers (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(JournalError, match=r"app.db is a SQLite database but not a resilpool journal \(its tables: customers\)"):
+        Journal(str(path))
+    assert path.read_bytes() == before  # not extended with our tables
+    (tmp_path / "text.db").write_text("not sqlite at all, just text" * 10)
+    with pytest.raises(JournalError, match="cannot use journal"):
+        Journal(str(tmp_path / "text.db"))
+
+
+def test_a_journal_made_by_a_refused_run_is_still_a_journal(tmp_path: Path) -> None:
+    Journal(str(tmp_path / "run.db")).close()  # tables made, never bound
+    new_journal(tmp_path / "run.db").close()
+
+
+def test_journal_queries_raise_no_warning(tmp_path: Path) -> None:
+    # filterwarnings=error: on 3.12 numbered placeholders (?1) were a DeprecationWarning, on
+    # 3.13 open_readonly's error path left a connection open (ResourceWarning at collection).
+    import gc
+
+    j = new_journal(tmp_path / "run.db")
+    j.add_done((1, 1, 1.0, 0.1, 1))
+    j.commit(10)
+    assert j.done_indices() == {1}
+    j.close()
+    sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.close()
+    for _ in range(3):
+        with pytest.raises(JournalError):
+            open_readonly(str(tmp_path / "other.db"))
+    gc.collect()
+
+
 # --- the report ------------------------------------------------------------------------------
 
 
@@ -241,7 +299,8 @@ def test_report_totals_recycles_retries_slowest_memory_and_timeline(tmp_path: Pa
     r = build_report(j._conn, "run.db")
     j.close()
 
-    assert r["totals"] == {"items": 50, "done": 41, "failed": 1, "pending": 8, "interrupted": 0}
+    assert r["totals"] == {"items": 50, "done": 41, "failed": 1, "pending": 8, "running": 0, "interrupted": 0}
+    assert r["live"] is None
     assert r["complete"] is False
     assert r["recycles"] == {"crash": 1, "max_tasks": 2}  # shutdown is not a recycle
     assert r["worker_crashes"] == 1
@@ -250,19 +309,61 @@ def test_report_totals_recycles_retries_slowest_memory_and_timeline(tmp_path: Pa
     assert r["failed_items"] == [{"index": 40, "line": 41, "attempts": 3, "pid": 101, "error_type": "MemoryLimitError", "error": "too big"}]
     assert r["slowest"][0]["index"] == 41 and r["slowest"][0]["elapsed_s"] == 3.5
     assert len(r["slowest"]) == 10
-    assert r["peak_rss"] == {"item_bytes": 40 * 2**20, "item_index": 39, "item_pid": 101, "pool_bytes": 300 * 2**20}
+    assert r["peak_rss"] == {"bytes": 300 * 2**20, "item_bytes": 40 * 2**20, "item_index": 39, "item_pid": 101, "pool_bytes": 300 * 2**20}
     tl = r["timeline"]
     assert tl["bucket_s"] == 1
     assert sum(b["done"] for b in tl["buckets"]) == 41 and sum(b["failed"] for b in tl["buckets"]) == 1
     assert [b["t"] for b in tl["buckets"]] == list(range(len(tl["buckets"])))
     assert r["runs"][0]["status"] == "failed"
+    assert (r["runs"][0]["done"], r["runs"][0]["failed"]) == (41, 1)
     json.dumps(r)  # plain JSON values only
 
     text = render_report(r)
     assert "items     41 done, 1 failed, 8 pending" in text
     assert "recycles  crash 1, max_tasks 2" in text
     assert "item 40 (line 41): MemoryLimitError: too big" in text
-    assert "peak RSS  300 MiB (pool sample), 40 MiB" in text
+    assert "peak worker RSS 300 MiB (the most resident memory one worker held)" in text
+
+
+def test_a_killed_run_shows_what_it_completed_and_current_quarantine(tmp_path: Path) -> None:
+    path = tmp_path / "run.db"
+    j = new_journal(path)
+    for i in range(7):
+        j.add_done((i, 100, 1000.0, 0.1, 2**20))
+    j.add_running(7, None, 100, 1000.0)
+    j.add_resolved((8, "failed", 3, j.run_id, None, 100, None, 0.1, 1001.0, None, "PoisonTaskError", "poison"))
+    j.add_resolved((9, "failed", 3, j.run_id, None, 100, None, 0.1, 1001.0, None, "PoisonTaskError", "poison"))
+    j.add_event("quarantined", idx=8)
+    j.add_event("quarantined", idx=9)
+    j.commit(0)
+    j.close()  # killed: its run row still says 'running' with done 0
+
+    conn = open_readonly(str(path))
+    try:
+        r = build_report(conn, str(path))
+    finally:
+        conn.close()
+    (run,) = r["runs"]
+    assert (run["status"], run["done"], run["failed"]) == ("killed", 7, 2)
+    assert r["totals"]["interrupted"] == 1 and r["live"] is None
+    assert r["quarantined"] == 2
+
+    j = Journal(str(path))  # a second run retries item 9, which now succeeds
+    j.bind(IDENTITY)
+    j.begin_run(["resilpool", "run"], 2)
+    j.add_resolved((9, "done", 1, j.run_id, None, 100, 1002.0, 0.1, 1002.1, 2**20, None, None))
+    j.commit(0)
+    conn = open_readonly(str(path))
+    try:
+        r = build_report(conn, str(path))  # the journal is locked by this (live) run
+    finally:
+        conn.close()
+    assert r["quarantined"] == 1  # current, not the 2 quarantine events
+    assert r["live"] == {"run": j.run_id, "pid": os.getpid()}
+    assert [x["status"] for x in r["runs"]] == ["killed", "running"]
+    assert r["runs"][1]["done"] == 1
+    assert f"run #{j.run_id} is running now (pid {os.getpid()})" in render_report(r)
+    j.close()
 
 
 def test_timeline_has_at_most_60_buckets(tmp_path: Path) -> None:
@@ -345,14 +446,15 @@ def test_item_call_pickles_by_reference_and_rebuilds_itself(tmp_path: Path) -> N
     import workload
 
     call = _task.item_call("workload:cli_upper", workload.cli_upper)
-    assert call.__qualname__ == "workload:cli_upper" and call.__module__ == "resilpool._task"
+    assert call.__qualname__ == "workload:cli_upper" and call.__module__ == "resilpool.cli._task"
     data = pickle.dumps(call)
     assert len(data) < 80  # a reference, not the function
     del _task.__dict__["workload:cli_upper"]  # as in a fresh worker
     rebuilt = pickle.loads(data)
     assert rebuilt is _task.item_call("workload:cli_upper")
-    text, pid, started, elapsed, peak = rebuilt("abc")
-    assert json.loads(text) == "ABC" and pid > 0 and elapsed >= 0 and peak > 0 and started > 0
+    pid, peak, started, lines, [elapsed], failed = rebuilt([(0, "abc", '"abc"')], None, False)
+    assert json.loads(lines) == {"index": 0, "input": "abc", "result": "ABC"} and lines.endswith(b"\n")
+    assert pid > 0 and elapsed >= 0 and peak > 0 and started > 0 and failed == {}
     dotted = _task.item_call("os.path:basename")
     assert dotted.__qualname__ == "os/path:basename"  # pickle splits names on dots
     assert pickle.loads(pickle.dumps(dotted)) is dotted
@@ -363,7 +465,7 @@ def test_item_call_records_where_a_failure_ran() -> None:
 
     call = _task.item_call("workload:cli_square", workload.cli_square)
     with pytest.raises(ValueError) as info:
-        call({"i": 1, "fail": True})
+        call([(1, {"i": 1, "fail": True}, "{}")], None, False)
     again = pickle.loads(pickle.dumps(info.value))
     assert again._resilpool_pid > 0 and again._resilpool_elapsed >= 0
 

@@ -188,6 +188,7 @@ def _broken_predicate(retry_state: Any) -> bool:
     raise ZeroDivisionError("bug in a user's retry predicate")
 
 
+@pytest.mark.resilpool_core_errors
 def test_a_faulty_retry_policy_fails_its_task_not_the_pool(make_pool: MakePool, tmp_path: Path) -> None:
     pool = make_pool(2)
     runs_file = tmp_path / "runs"
@@ -220,6 +221,7 @@ def test_backoff_holds_neither_a_worker_nor_the_caller(make_pool: MakePool, tmp_
 # --- poison quarantine ------------------------------------------------------------------------
 
 
+@pytest.mark.resilpool_core_errors
 def test_poison_task_is_quarantined_after_k_deaths_whatever_retries_remain(make_pool: MakePool, tmp_path: Path) -> None:
     # One worker and the poison submitted first: every attempt runs on a fresh worker,
     # so every death is blamed on it and it dies exactly K times.
@@ -244,6 +246,7 @@ def test_poison_task_is_quarantined_after_k_deaths_whatever_retries_remain(make_
     assert (ev.crashes, ev.fn_name) == (3, "count_and_kill")
 
 
+@pytest.mark.resilpool_core_errors
 def test_poison_task_is_quarantined_while_other_tasks_finish(make_pool: MakePool, tmp_path: Path) -> None:
     pool = make_pool(2, breaker=Breaker(quarantine_after=2))
     runs_file = tmp_path / "runs"
@@ -260,6 +263,7 @@ def test_poison_task_is_quarantined_while_other_tasks_finish(make_pool: MakePool
     assert pool.stats().quarantined == 1
 
 
+@pytest.mark.resilpool_core_errors
 def test_a_death_on_a_worker_that_ran_other_tasks_is_not_blamed(make_pool: MakePool, tmp_path: Path) -> None:
     pool = make_pool(1, breaker=Breaker(quarantine_after=1))
     assert pool.submit(workload.inc, 0).result(timeout=T) == 1  # the only worker is no longer fresh
@@ -280,6 +284,7 @@ def test_a_death_on_a_worker_that_ran_other_tasks_is_not_blamed(make_pool: MakeP
 # --- crash-loop breaker ---------------------------------------------------------------------
 
 
+@pytest.mark.resilpool_core_errors
 def test_failing_initializer_trips_the_breaker(start_method: str, make_pool: MakePool, tmp_path: Path) -> None:
     max_failures, max_workers = 3, 2
     release = tmp_path / "fail-now"  # workers fail their initializer once it exists
@@ -314,6 +319,7 @@ def test_failing_initializer_trips_the_breaker(start_method: str, make_pool: Mak
     assert ev.deaths == max_failures + 1 and ev.window_s == 60.0 and "initializer exploded" in ev.cause
 
 
+@pytest.mark.resilpool_core_errors
 def test_breaker_default_bounds_process_starts(make_pool: MakePool, tmp_path: Path) -> None:
     release = tmp_path / "fail-now"
     pool = make_pool(2, initializer=workload.fail_init_when, initargs=(str(release),))  # default max_failures: 4
@@ -324,6 +330,7 @@ def test_breaker_default_bounds_process_starts(make_pool: MakePool, tmp_path: Pa
     assert 5 <= pool.stats().workers_started <= 4 + 2 + 1
 
 
+@pytest.mark.resilpool_core_errors
 def test_deaths_of_ready_workers_do_not_trip_the_crash_loop_breaker(make_pool: MakePool, tmp_path: Path) -> None:
     # The breaker counts start-up failures only; task deaths are the quarantine's business.
     pool = make_pool(1, breaker=Breaker(max_failures=0, quarantine_after=4))
@@ -335,6 +342,7 @@ def test_deaths_of_ready_workers_do_not_trip_the_crash_loop_breaker(make_pool: M
     assert pool.submit(workload.inc, 1).result(timeout=T) == 2
 
 
+@pytest.mark.resilpool_core_errors
 def test_breaker_fails_pending_tasks_but_lets_running_ones_finish(make_pool: MakePool, tmp_path: Path) -> None:
     # One worker initializes fine; every other fails its initializer until the breaker trips.
     # Four blocking tasks: the good worker takes one and holds it; the others stay pending.
@@ -359,6 +367,7 @@ def test_breaker_fails_pending_tasks_but_lets_running_ones_finish(make_pool: Mak
         pool.submit(workload.inc, 1)
 
 
+@pytest.mark.resilpool_core_errors
 def test_breaker_trip_fails_a_retry_waiting_in_backoff(make_pool: MakePool, tmp_path: Path) -> None:
     # The one good worker dies under a task; every replacement fails its initializer.
     flag, marker = tmp_path / "first-worker", tmp_path / "crash-once"
@@ -375,6 +384,7 @@ def test_breaker_trip_fails_a_retry_waiting_in_backoff(make_pool: MakePool, tmp_
 # --- core rebuild ---------------------------------------------------------------------------
 
 
+@pytest.mark.resilpool_core_errors
 def test_core_rebuild_loses_no_queued_task(make_pool: MakePool, tmp_path: Path) -> None:
     pool = make_pool(2)
     rec = Recorder(pool)
@@ -396,7 +406,7 @@ def test_core_rebuild_loses_no_queued_task(make_pool: MakePool, tmp_path: Path) 
     queued = [pool.submit(workload.count_run, str(p), i) for i, p in enumerate(queued_files)]
     assert not any(f.done() for f in queued)
 
-    pool._break_core_for_test()
+    pool.break_core_for_test()
     (ev,) = rec.wait_for(CoreRebuilt)
     release.touch()
 
@@ -416,24 +426,26 @@ def test_core_rebuild_loses_no_queued_task(make_pool: MakePool, tmp_path: Path) 
     assert pool.submit(workload.inc, 1).result(timeout=T) == 2  # the new core takes new work
 
 
+@pytest.mark.resilpool_core_errors
 def test_core_rebuilds_again_and_again(make_pool: MakePool, tmp_path: Path) -> None:
     pool = make_pool(1)
     rec = Recorder(pool)
     for n in range(1, 3):
         queued = [pool.submit(workload.inc, i, retry=1) for i in range(20)]
-        pool._break_core_for_test()
+        pool.break_core_for_test()
         rec.wait_for(CoreRebuilt, n)
         assert [f.result(timeout=T) for f in queued] == list(range(1, 21))
     assert pool.stats().rebuilds == 2
 
 
+@pytest.mark.resilpool_core_errors
 def test_rebuild_note_names_the_interrupted_attempts_worker(make_pool: MakePool, tmp_path: Path) -> None:
     pool = make_pool(1)
     rec = Recorder(pool)
     runs_file, release = tmp_path / "runs", tmp_path / "release"
     fut = pool.submit(workload.count_wait_raise, str(runs_file), str(release), retry=1)
     wait_runs(runs_file)
-    pool._break_core_for_test()
+    pool.break_core_for_test()
     rec.wait_for(CoreRebuilt)
     release.touch()
     err = failure(fut)

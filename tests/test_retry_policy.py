@@ -245,6 +245,7 @@ def _broken_predicate(rs: Any) -> bool:
     raise ZeroDivisionError("predicate bug")
 
 
+@pytest.mark.resilpool_core_errors
 @pytest.mark.parametrize(
     "policy",
     [

@@ -43,7 +43,8 @@ from resilpool import (
 from resilpool._core.executor import WorkerView
 from resilpool.events import DispatchPaused, DispatchResumed, Event, WorkerExited, WorkerStarted
 from resilpool.supervisor import monitor as monitor_mod
-from resilpool.supervisor.policy import STALL_CPU_FRACTION
+from resilpool.supervisor import probes as probes_mod
+from resilpool.supervisor.policy import STALL_CPU_FRACTION, Kill
 
 MiB = 2**20
 GiB = 2**30
@@ -498,7 +499,7 @@ def _psutil_with(monkeypatch: pytest.MonkeyPatch, **fakes: Any) -> None:
     proxy = Proxy("psutil")
     for name, value in fakes.items():
         setattr(proxy, name, value)
-    monkeypatch.setattr(monitor_mod, "psutil", proxy)
+    monkeypatch.setattr(probes_mod, "psutil", proxy)
 
 
 def test_low_available_memory_pauses_dispatch_until_it_recovers(
@@ -584,8 +585,8 @@ class FakeCore:
     def retire_worker(self, pid: int, reason: ExitReason) -> None:
         self.calls.append(("retire", pid, reason))
 
-    def kill_worker(self, pid: int, reason: ExitReason, make_error: Callable[[Any, float], BaseException], task_id: int | None = None) -> None:
-        self.calls.append(("kill", pid, reason, task_id, make_error))
+    def kill_worker(self, kill: Kill) -> None:
+        self.calls.append(("kill", kill.pid, kill.reason, kill.task_id, lambda task, elapsed: kill.to_error(task.id, "f", elapsed)))
 
     def pause_dispatch(self, reason: str) -> None:
         self.calls.append(("pause", reason))
@@ -818,3 +819,90 @@ def test_monitor_can_be_turned_off(make_pool: MakePool) -> None:
     assert pool.workers()[0].rss is None
     with pytest.raises(ValueError, match="max_rss"):
         ResilientPool(1, monitor_interval=None, limits=Limits(max_rss="1GiB"))
+
+
+# --- the shared limit decisions, fed by either probe (fake clock, no processes) ----------
+
+
+def _feed_psutil(now: float, busy_cpu_s: float) -> probes_mod.Reading:
+    """What a PsutilProbe reads: cumulative CPU seconds of the tree."""
+    return probes_mod.Reading(rss=20 * MiB, cpu_s=busy_cpu_s)
+
+
+class _DaskFeed:
+    """What a DaskMetricsProbe reads: the scheduler's memory and CPU percent since the last heartbeat."""
+
+    def __init__(self) -> None:
+        self.probe = probes_mod.DaskMetricsProbe()
+        self.last: tuple[float, float] | None = None
+
+    def __call__(self, now: float, busy_cpu_s: float) -> probes_mod.Reading:
+        pct = 0.0 if self.last is None else 100.0 * (busy_cpu_s - self.last[1]) / (now - self.last[0])
+        self.last = (now, busy_cpu_s)
+        return self.probe.measure("tcp://127.0.0.1:1", now, {"memory": 20 * MiB, "cpu": pct})
+
+
+@pytest.fixture(params=["psutil", "dask"])
+def feed(request: pytest.FixtureRequest) -> Callable[[float, float], probes_mod.Reading]:
+    return _feed_psutil if request.param == "psutil" else _DaskFeed()
+
+
+def _judge_until(
+    limiter: monitor_mod.Limiter, feed: Callable[[float, float], probes_mod.Reading], stop: float, cpu_at: Callable[[float], float], **kw: Any
+) -> list[tuple[float, Any]]:
+    """Judge worker "w" every 0.2 s from t=0 to ``stop``; return the (time, action) pairs."""
+    acts = []
+    for i in range(round(stop / 0.2) + 1):
+        now = i * 0.2
+        _, action = limiter.judge("w", now, feed(now, cpu_at(now)), pid=4242, spawned_at=0.0, **kw)
+        if action is not None:
+            acts.append((round(now, 1), action))
+    return acts
+
+
+def test_limiter_calls_a_stall_at_the_same_time_from_either_probe(feed: Callable[[float, float], probes_mod.Reading]) -> None:
+    # Busy for 1 s, then idle: stall_timeout=1 s is over once a full idle second is in the history.
+    limiter = monitor_mod.Limiter(Limits(stall_timeout=1.0), 0.2, random.Random(3))
+    running = [monitor_mod.Running(task_id=9, started=0.0, timeout=None)]
+    acts = _judge_until(limiter, feed, 3.0, lambda now: min(now, 1.0), running=running, retiring=False)
+    assert [(t, a.reason, a.task_id) for t, a in acts] == [(2.0, ExitReason.STALL, 9)]  # asked once, not every tick
+
+
+def test_limiter_asks_to_retire_once_and_still_times_out_the_last_task(feed: Callable[[float, float], probes_mod.Reading]) -> None:
+    limiter = monitor_mod.Limiter(Limits(max_lifetime=1.0, task_timeout=3.0), 0.2, random.Random(3))
+    running = [monitor_mod.Running(task_id=7, started=0.5, timeout=None)]
+    acts = _judge_until(limiter, feed, 4.0, lambda now: now, running=running, retiring=False)
+    assert [type(a).__name__ + ":" + a.reason.value for _, a in acts] == ["Retire:lifetime", "Kill:timeout"]
+
+
+def test_limiter_leaves_a_worker_alone_once_it_is_killed_as_a_whole(feed: Callable[[float, float], probes_mod.Reading]) -> None:
+    limiter = monitor_mod.Limiter(Limits(max_rss="10MiB", max_lifetime=0.5), 0.2, random.Random(3))
+    acts = _judge_until(limiter, feed, 2.0, lambda now: now, running=[], retiring=False)
+    assert [(t, a.reason) for t, a in acts] == [(0.0, ExitReason.MEMORY)]
+
+
+def test_limiter_judges_each_running_task_of_a_many_threaded_worker() -> None:
+    limiter = monitor_mod.Limiter(Limits(task_timeout=1.0), 0.2, random.Random(3))
+    running = [monitor_mod.Running(task_id=1, started=0.0, timeout=5.0), monitor_mod.Running(task_id=2, started=0.0, timeout=None)]
+    acts = _judge_until(limiter, _feed_psutil, 2.0, lambda now: now, running=running, retiring=False)
+    assert [(t, a.reason, a.task_id) for t, a in acts] == [(1.2, ExitReason.TIMEOUT, 2)]
+
+
+def test_cpu_history_starts_over_when_cpu_time_goes_backwards() -> None:
+    hist = probes_mod.CpuHistory(keep_s=5.0)
+    assert hist.record(0.0, 10.0) is None
+    assert hist.record(1.0, 11.0) == pytest.approx(100.0)
+    assert hist.window(1.0, 1.0) == pytest.approx(1.0)
+    assert hist.record(2.0, 3.0) is None  # lost 8 CPU seconds: no difference is trusted
+    assert hist.window(2.0, 1.0) is None  # not a second of history since the reset
+    assert hist.record(3.0, 3.0) == 0.0
+    assert hist.window(3.0, 1.0) == 0.0
+
+
+def test_dask_metrics_probe_integrates_cpu_percent_into_seconds() -> None:
+    probe = probes_mod.DaskMetricsProbe()
+    assert probe.measure("a", 0.0, {"memory": 5, "cpu": 100.0}) == probes_mod.Reading(rss=5, cpu_s=0.0)
+    assert probe.measure("a", 2.0, {"memory": 7, "cpu": 50.0}).cpu_s == pytest.approx(1.0)
+    assert probe.measure("a", 3.0, {"memory": None, "cpu": None}) == probes_mod.Reading(rss=0, cpu_s=pytest.approx(1.0))
+    probe.forget("a")
+    assert probe.measure("a", 4.0, {"cpu": 100.0}).cpu_s == 0.0

@@ -168,6 +168,16 @@ def count_and_wait(path: str, release: str, timeout: float = 30.0) -> int:
     return os.getpid()
 
 
+def count_and_spin(path: str, release: str, timeout: float = 30.0) -> int:
+    """As count_and_wait, but busy: it uses CPU until ``release`` exists (no stall)."""
+    _count(path)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(release):
+        if time.monotonic() > deadline:
+            raise TimeoutError(release)
+    return os.getpid()
+
+
 def hang_first_time(marker: str, value: Any = None) -> Any:
     """Hang (no result, killed by a task_timeout) the first time; return ``value`` afterwards."""
     with open(marker + ".runs", "a") as f:
@@ -197,6 +207,12 @@ def init_ok_once(flag: str) -> None:
     except FileExistsError:
         raise RuntimeError("initializer failed: not the first worker") from None
     os.close(fd)
+
+
+def fail_init_once_flagged(flag: str) -> None:
+    """An initializer that succeeds until ``flag`` exists, then fails (a test breaks start-up on demand)."""
+    if os.path.exists(flag):
+        raise RuntimeError("initializer failed: flagged")
 
 
 def fail_init_when(release: str, msg: str = "initializer exploded") -> None:
@@ -404,3 +420,16 @@ def cli_upper(item: Any) -> Any:
 def cli_not_json(item: Any) -> Any:
     """A result with no JSON form."""
     return object()
+
+
+def kill_once_at(marker: str, x: int, at: int) -> int:
+    """``x + 1``; at item ``at``, SIGKILL its own worker the first time (no marker file yet)."""
+    if x == at and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+
+
+def inverse(x: int) -> float:
+    """``1 / x``: ZeroDivisionError at 0."""
+    return 1 / x

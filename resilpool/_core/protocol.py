@@ -7,36 +7,57 @@ Each worker has two one-way pipes and one shared-memory slot::
     task pipe    RunTask*, Retire          ------->  main loop reads frames in order
     result pipe  WorkerReady, TaskSucceeded,
                  TaskFailed, InitializerFailed <---  one frame per message
-    slot         (read at any time)        <-------  [task id, start ns, tasks started, pid]
-                 stop flag                 ------->  checked before each task
+    slot         (read at any time)        <-------  [task id, start ns, frame claimed, pid]
+                 stop flag, revoked frames ------->  checked before each task
     lifeline     EOF when the parent dies  ------->  watchdog thread kills the worker's group
 
-Messages are small frozen dataclasses, one per meaning.  On the wire each is a
+Messages are small frozen records (record.py), one per meaning.  On the wire each is a
 frame: a fixed header ``<QBqd`` (body length, kind, task id, elapsed seconds)
 followed by the body bytes.  The task body is the pickled ``(fn, args,
 kwargs)``, pickled once by the submitting thread and resent unchanged on a
 retry; the result body is the pickled value or an :class:`ErrorPayload`.
 
 The *start acknowledgement* costs no message: before it unpickles a task (the
-first moment user code can run) the worker bumps its slot's "tasks started"
-counter.  A worker runs its frames strictly in order, so when it dies the
-parent knows exactly which task it was running: the first unanswered one, if
-the counter is ahead of the answers received; the tasks behind it never
-started and go to other workers.
+first moment user code can run) the worker writes the task's frame number (its
+RUN frames counted from 1) to its slot's ``started`` field: it *claims* the
+frame. A worker runs its frames strictly in order, so when it dies the parent
+knows exactly which task it was running: the first unanswered one, if its frame
+number is at most ``started``; the tasks behind it never started and go to
+other workers.
+
+*Take-back.* The parent may take unstarted tasks back from a live worker (to run
+them on an idle one, or to abort them). With the worker stopped (SIGSTOP, and
+seen stopped in /proc, so every store of the worker is visible and none is in
+flight) it reads ``started`` = x and writes ``revoke`` = (x, last frame sent];
+then SIGCONT. The worker checks ``revoke`` *after* claiming a frame and skips a
+revoked one without answering. Either the claim happened before the stop (the
+parent saw it: that task is running, not taken back) or the check happens after
+the continue (the worker sees the revoke): a task is started by exactly one
+worker. The range is one int64 field, so no read of it is torn.
 """
 
 from __future__ import annotations
 
 import enum
-import pickle
+import os
 import struct
-import traceback
-from dataclasses import dataclass
-from typing import Any, Final
+
+from .record import record
+
+# Errors crossing the boundary (the bodies of TaskFailed and InitializerFailed) live there.
+from .serialization import ErrorPayload, error_payload, rebuild_error
+
+TYPE_CHECKING = False  # the forkserver preloads this module: no typing, no dataclasses (record.py)
+if TYPE_CHECKING:
+    from typing import Any, Final
+
+    from .serialization import RemoteTraceback
 
 __all__ = [
     "HEADER",
     "ErrorPayload",
+    "FROM_PARENT",
+    "FROM_WORKER",
     "FrameReader",
     "InitializerFailed",
     "Kind",
@@ -44,27 +65,100 @@ __all__ = [
     "Retire",
     "RunTask",
     "SLOT_FIELDS",
+    "SlotTable",
     "TaskFailed",
     "TaskSucceeded",
     "WorkerReady",
     "encode",
     "error_payload",
+    "is_revoked",
     "rebuild_error",
+    "revoke_range",
 ]
 
 HEADER: Final = struct.Struct("<QBqd")  # 64-bit length: a call may pickle to 4 GiB and more
 
 #: Per-worker slot in shared memory: these many int64 fields.
-SLOT_FIELDS: Final = 5
+SLOT_FIELDS: Final = 6
 #: Slot field indexes.
 SLOT_TASK: Final = 0  # id of the task running now; 0 when idle
 SLOT_START_NS: Final = 1  # time.monotonic_ns() when it started
-SLOT_STARTED: Final = 2  # how many tasks this worker has started (the acknowledgement)
+SLOT_STARTED: Final = 2  # frame number (1, 2, ...) of the RUN frame claimed last: the acknowledgement
 SLOT_PID: Final = 3  # the worker's pid, written once at start
 SLOT_STOP: Final = 4  # leave before starting another task: STOP_RETIRE (set by the parent) or
 # STOP_SOFT_MEMORY (set by the worker itself, over soft_max_rss, as it leaves)
+SLOT_REVOKE: Final = 5  # frames taken back by the parent: revoke_range() packs (lo, hi] in one int64
 STOP_RETIRE: Final = 1
 STOP_SOFT_MEMORY: Final = 2
+REVOKE_SPAN_BITS: Final = 20  # a revoked range spans fewer than 2**20 frames (at most MAX_DEPTH are queued)
+
+
+class SlotTable:
+    """The slots of every worker of a core: ``n`` int64 fields in shared memory.
+
+    A memfd mapped shared (``MAP_SHARED``) by the parent and each worker; ``view`` is the
+    int64 memoryview both index (one field read or written is one aligned 8-byte load or
+    store, as with a ctypes array). Not a ``multiprocessing.RawArray``: that imports
+    ctypes and ``multiprocessing.heap`` (with tempfile) in the parent and in every
+    spawned worker, milliseconds of every first start.
+
+    A worker receives the table in its ``Process`` arguments: a forked one inherits the
+    mapping; for spawn and forkserver the table pickles as its file descriptor (passed by
+    the start method itself, ``reduction.DupFd``) and the worker maps it again.
+    Owner: the core that made it; :meth:`close` once no worker will start any more.
+    """
+
+    def __init__(self, n: int, fd: int | None = None) -> None:
+        import mmap
+
+        size = max(1, n) * 8
+        if fd is None:
+            fd = os.memfd_create("resilpool-slots", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+        self.n = n
+        self._fd = fd
+        self._map = mmap.mmap(fd, size)
+        self._bytes = memoryview(self._map)
+        self.view = self._bytes.cast("q")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction
+
+        if self._fd < 0:
+            raise ValueError("this SlotTable is closed")
+        return _attach_slots, (reduction.DupFd(self._fd), self.n)
+
+    def close(self) -> None:
+        """Unmap the table and close its descriptor (the parent's, after its last worker)."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        self.view.release()
+        self._bytes.release()
+        self._map.close()
+        os.close(fd)
+
+
+def _attach_slots(dupfd: Any, n: int) -> SlotTable:
+    """A worker's end of the table (spawn, forkserver): map the descriptor it was sent."""
+    return SlotTable(n, dupfd.detach())
+
+
+def revoke_range(lo: int, hi: int) -> int:
+    """Pack the revoked frame numbers ``lo < n <= hi`` into one slot field (one atomic store)."""
+    if not 0 <= hi - lo < 1 << REVOKE_SPAN_BITS:
+        raise ValueError(f"revoked range ({lo}, {hi}] is empty-negative or too wide")
+    return (lo << REVOKE_SPAN_BITS) | (hi - lo)
+
+
+def is_revoked(field: int, n: int) -> bool:
+    """Does the slot's revoke field cover frame number ``n``? (The worker asks, after claiming ``n``.)"""
+    lo = field >> REVOKE_SPAN_BITS
+    return lo < n <= lo + (field & ((1 << REVOKE_SPAN_BITS) - 1))
 
 
 class Kind(enum.IntEnum):
@@ -78,7 +172,7 @@ class Kind(enum.IntEnum):
     INIT_FAILED = 19
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(frozen=True, slots=True, kw_only=True)
 class RunTask:
     """Command: run this task after the ones already sent."""
 
@@ -86,17 +180,17 @@ class RunTask:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(frozen=True, slots=True, kw_only=True)
 class Retire:
     """Command: finish the tasks already sent, then exit with code 0."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(frozen=True, slots=True, kw_only=True)
 class WorkerReady:
     """Event: the initializer returned; the worker is taking tasks."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(frozen=True, slots=True, kw_only=True)
 class TaskSucceeded:
     """Event: the task returned; ``body`` is its pickled result."""
 
@@ -105,7 +199,7 @@ class TaskSucceeded:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(frozen=True, slots=True, kw_only=True)
 class TaskFailed:
     """Event: the task raised (or its result would not pickle); ``body`` is an ErrorPayload."""
 
@@ -114,7 +208,7 @@ class TaskFailed:
     body: bytes
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(frozen=True, slots=True, kw_only=True)
 class InitializerFailed:
     """Event: the initializer raised; the worker exits right after sending this."""
 
@@ -156,13 +250,34 @@ _DECODERS: Final[dict[int, Any]] = {
 }
 
 
+#: Kinds a worker may send; the parent's reader refuses any other.
+FROM_WORKER: Final = frozenset({Kind.READY, Kind.SUCCEEDED, Kind.FAILED, Kind.INIT_FAILED})
+#: Kinds the parent may send.
+FROM_PARENT: Final = frozenset({Kind.RUN, Kind.RETIRE})
+
+
 class FrameReader:
-    """Reassembles frames from the chunks a pipe delivers (one read may hold many frames)."""
+    """Reassembles frames from the chunks a pipe delivers (one read may hold many frames).
 
-    __slots__ = ("_buf",)
+    Every header is validated as soon as its bytes are in, *before* waiting for (or
+    buffering) the body it announces: the kind must be one of ``kinds``, the body
+    length at most ``max_body`` bytes, and ``check(kind, task_id, elapsed)`` (if given)
+    must return None (else it returns what is wrong). A violation raises
+    :class:`ProtocolError`: junk on a pipe is found at once, never waited on.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "_check", "_kinds", "_max_body")
+
+    def __init__(
+        self,
+        kinds: frozenset[int] = frozenset(Kind),
+        max_body: int = 1 << 62,
+        check: Any = None,
+    ) -> None:
         self._buf = bytearray()
+        self._kinds = kinds
+        self._max_body = max_body
+        self._check = check
 
     @property
     def pending_bytes(self) -> int:
@@ -187,13 +302,18 @@ class FrameReader:
         end = len(buf)
         size = HEADER.size
         unpack = HEADER.unpack_from
+        kinds, max_body, check = self._kinds, self._max_body, self._check
         while end - pos >= size:
             length, kind, tid, elapsed = unpack(buf, pos)
+            if kind not in kinds:
+                raise ProtocolError(f"unexpected frame kind {kind} at offset {pos}")
+            if length > max_body:
+                raise ProtocolError(f"a frame of kind {kind} announces {length} bytes, over the maximum {max_body}")
+            if check is not None and (problem := check(kind, tid, elapsed)) is not None:
+                raise ProtocolError(problem)
             stop = pos + size + length
             if stop > end:
                 break
-            if kind not in _DECODERS:
-                raise ProtocolError(f"unknown frame kind {kind} at offset {pos}")
             out.append((kind, tid, elapsed, bytes(buf[pos + size : stop])))
             pos = stop
         if pos:
@@ -201,58 +321,11 @@ class FrameReader:
         return out
 
 
-# --- errors crossing the process boundary ------------------------------------
 
+def __getattr__(name: str) -> Any:
+    # RemoteTraceback on first use only: resilpool.errors is the parent's (serialization.py).
+    if name == "RemoteTraceback":
+        from .serialization import RemoteTraceback
 
-class RemoteTraceback(Exception):
-    """Carries the worker-side traceback text; set as ``__cause__`` as the stdlib does."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ErrorPayload:
-    """An exception as sent by a worker: the object if it pickles, else its type name and text."""
-
-    exc: BaseException | None
-    type_name: str
-    message: str
-    traceback: str
-
-
-def error_payload(exc: BaseException, context: str = "") -> bytes:
-    """Pickle ``exc`` with its traceback text; never raises (falls back to the text only)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    if context:
-        tb = f"{context}\n{tb}"
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    try:
-        text = str(exc)
-    except Exception:  # a broken __str__ must not lose the error
-        text = f"<unprintable {name}>"
-    try:
-        return pickle.dumps(ErrorPayload(exc=exc, type_name=name, message=text, traceback=tb), pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return pickle.dumps(ErrorPayload(exc=None, type_name=name, message=text, traceback=tb), pickle.HIGHEST_PROTOCOL)
-
-
-def rebuild_error(body: bytes) -> BaseException:
-    """Turn an :func:`error_payload` back into an exception whose ``__cause__`` is the remote traceback."""
-    from ..errors import ResilpoolError  # local: errors imports nothing from _core
-
-    try:
-        payload: ErrorPayload = pickle.loads(body)
-    except Exception as exc:
-        return ResilpoolError(f"a worker sent an error that could not be unpickled in the parent: {exc!r}")
-    err = payload.exc
-    if err is None:
-        err = ResilpoolError(
-            f"{payload.type_name}: {payload.message} (the exception could not be pickled; see the remote traceback)"
-        )
-    err.__cause__ = RemoteTraceback(f'\n"""\n{payload.traceback}"""')
-    return err
+        return RemoteTraceback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,6 +84,12 @@ class Limits:
             this long is hung and is killed: ``TaskStalledError``.
         min_available: when the machine's available memory is below this (bytes, a size
             string, or a fraction of total RAM such as 0.03), no new task starts until it recovers.
+        cgroup: put each worker in a cgroup v2 of its own, so that a kill takes every process
+            its tasks started, ``setsid`` daemons included (Linux; see docs/limits.md for the
+            requirements; where they are not met a warning is logged and the pool runs without).
+        init_timeout: seconds a new worker may take to run its initializer and say it is
+            ready (no task is sent to it before); past it the worker is killed and counts as
+            a start-up failure for the crash-loop breaker. None: no limit.
 
     Memory is the resident set of the worker's whole process tree, so a task that
     starts subprocesses cannot hide memory from the limit.
@@ -96,6 +102,8 @@ class Limits:
     task_timeout: float | None = None
     stall_timeout: float | None = None
     min_available: int | float | str | None = 0.03
+    cgroup: bool = False
+    init_timeout: float | None = 60.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -110,10 +118,12 @@ class Limits:
         if self.max_tasks is not None:
             if isinstance(self.max_tasks, bool) or not isinstance(self.max_tasks, int) or self.max_tasks < 1:
                 raise ValueError(f"Limits.max_tasks must be an int >= 1, got {self.max_tasks!r}")
-        for name in ("max_lifetime", "task_timeout", "stall_timeout"):
+        for name in ("max_lifetime", "task_timeout", "stall_timeout", "init_timeout"):
             v = getattr(self, name)
             if v is not None:
                 set_(self, name, _seconds(v, f"Limits.{name}"))
+        if not isinstance(self.cgroup, bool):
+            raise TypeError(f"Limits.cgroup must be True or False, got {self.cgroup!r}")
         ma = self.min_available
         if ma is not None:
             if isinstance(ma, float) and 0 < ma < 1:
@@ -126,11 +136,11 @@ class Limits:
                 set_(self, "min_available", parse_size(ma, "Limits.min_available"))
 
     def sampled_fields(self, *, ignore_default_floor: bool = False) -> list[str]:
-        """The limits set here that need the sampling thread (all but max_tasks)."""
+        """The limits set here that need the sampling thread (all but max_tasks, init_timeout)."""
         out = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "max_tasks" or value is None:
+            if f.name in ("max_tasks", "cgroup", "init_timeout") or value is None:
                 continue
             if ignore_default_floor and f.name == "min_available" and value == f.default:
                 continue
@@ -138,7 +148,7 @@ class Limits:
         return out
 
     def needs_monitor(self, *, ignore_default_floor: bool = False) -> bool:
-        """True if any limit needs the sampling thread (all but max_tasks)."""
+        """True if any limit needs the sampling thread (all but max_tasks, init_timeout)."""
         return bool(self.sampled_fields(ignore_default_floor=ignore_default_floor))
 
     def min_available_bytes(self, total_bytes: int) -> int | None:

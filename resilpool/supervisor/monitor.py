@@ -1,63 +1,162 @@
-"""The monitor: one thread samples every worker with psutil and tells the core what to do.
+"""The supervisor loop: the limit decisions shared by every backend, and the local monitor.
 
-It owns no task state.  Each tick it reads the core's published worker views and
-slots (shared memory: which task runs since when), measures each worker's whole
-process tree (RSS, CPU time), asks :func:`~resilpool.supervisor.policy.decide`
-and sends the answer through the core's seams (``retire_worker``,
-``kill_worker``, ``pause_dispatch``).  Owned by the monitor thread: ``_state``, ``_paused``;
-published for other threads (replaced whole, never mutated): ``samples``.
-The thread waits on ``stop_event.wait(interval)``: it never sleeps blindly.
+:class:`Limiter` turns what a probe measured of each worker (:mod:`.probes`) into the
+one action the limits call for, with the per-worker memory of what was already asked
+(retire once; kill once).  It is the same for local workers and Dask workers: the local
+:class:`Monitor` feeds it from a :class:`~.probes.PsutilProbe` on its own thread, the
+Dask core's poller from a :class:`~.probes.DaskMetricsProbe` on the core thread.
+
+The :class:`Monitor` owns no task state.  Each tick it reads the core's published
+worker views and slots (shared memory: which task runs since when), measures each
+worker's whole process tree, asks its :class:`Limiter`, and sends the answer through
+the core's seams (``retire_worker``, ``kill_worker``, ``pause_dispatch``).  Owned by
+the monitor thread: ``_limiter``, ``_probe``, ``_spawned``, ``_paused``; published for
+other threads (replaced whole, never mutated): ``samples``.  The thread waits on
+``stop_event.wait(interval)``: it never sleeps blindly.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
-from .. import errors
 from ..events import ExitReason
 from .limits import Limits
 from .policy import Kill, Retire, WorkerSample, decide, lifetime_with_jitter
+from .probes import CpuHistory, PsutilProbe, Reading, Sample
 
-__all__ = ["Monitor", "Sample"]
+__all__ = ["Limiter", "Monitor", "Running", "Sample", "describe_kill"]
 
 log = logging.getLogger("resilpool")
 
-_CHILDREN_EVERY_S = 1.0  # how often a worker's descendants are looked up (a /proc scan)
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Running:
+    """A task running on a worker, as the backend knows it."""
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """Last measurement of one worker, for ``ResilientPool.workers()``."""
-
-    rss: int
-    cpu_percent: float | None
+    task_id: int
+    started: float  #: monotonic start of the attempt
+    timeout: float | None  #: the task's own timeout override, else None
 
 
 @dataclass(slots=True, eq=False)
-class _WorkerState:
-    proc: psutil.Process
-    spawned_at: float  # the view's, to tell a new worker from an old one with a reused pid
-    lifetime_s: float | None
-    members: list[psutil.Process] = field(default_factory=list)
-    members_at: float = -1e9
-    history: deque[tuple[float, float]] = field(default_factory=deque)  # (now, tree CPU seconds)
+class _Watched:
+    spawned_at: float  # to tell a new worker from an old one under the same key (a reused pid)
+    lifetime_s: float | None  # this worker's jittered max_lifetime
+    cpu: CpuHistory
     retired: bool = False  # asked to retire: not again, but its last task is still watched
-    killed: bool = False  # killed for memory: nothing more to decide
-    killed_task: int = 0  # asked to kill while running this task (the kill may find it finished)
+    killed: bool = False  # killed as a whole (memory): nothing more to decide
+    killed_tasks: set[int] = field(default_factory=set)  # asked to kill while running these
+
+
+class Limiter:
+    """The limit decisions for a set of workers, the same for every backend.
+
+    Keeps per worker (keyed as the backend names it: a pid locally, an address on Dask)
+    its CPU history, its jittered lifetime and what was already asked.  Owned by the one
+    thread that samples.
+
+    Invariants: a worker is asked to retire at most once; a worker killed as a whole
+    (``Kill.task_id is None``) gets no further action; while a task it was asked to
+    kill still runs there, the worker gets no further action (it is dying).
+    """
+
+    def __init__(self, limits: Limits, interval_s: float, rng: random.Random | None = None) -> None:
+        self.limits = limits
+        self._keep_s = (limits.stall_timeout or 0.0) + 2 * interval_s
+        self._rng = rng or random.Random()
+        self._workers: dict[Hashable, _Watched] = {}
+
+    def judge(
+        self,
+        key: Hashable,
+        now: float,
+        reading: Reading,
+        *,
+        pid: int,
+        spawned_at: float,
+        running: Sequence[Running],
+        retiring: bool,
+        recheck: Callable[[], Reading | None] | None = None,
+    ) -> tuple[float | None, Kill | Retire | None]:
+        """Record ``reading`` and decide; returns ``(CPU % since the last reading, action)``.
+
+        ``recheck`` measures the worker again: calling a task stalled is a strong claim,
+        so before that the worker is looked at once more (a task waiting on a busy
+        subprocess started since the last scan is not stalled).
+        """
+        w = self._workers.get(key)
+        if w is None or w.spawned_at != spawned_at:
+            w = self._workers[key] = _Watched(spawned_at, lifetime_with_jitter(self.limits.max_lifetime, self._rng), CpuHistory(self._keep_s))
+        cpu_percent = w.cpu.record(now, reading.cpu_s)
+        if w.killed:
+            return cpu_percent, None
+        ids = {r.task_id for r in running}
+        w.killed_tasks &= ids
+        if w.killed_tasks:
+            return cpu_percent, None
+        action = self._decide(w, now, reading.rss, pid, spawned_at, running, retiring)
+        if isinstance(action, Kill) and action.reason is ExitReason.STALL and recheck is not None:
+            fresh = recheck()
+            if fresh is None:
+                return cpu_percent, None  # gone meanwhile
+            w.cpu.amend(fresh.cpu_s)
+            action = self._decide(w, now, fresh.rss, pid, spawned_at, running, retiring)
+        if isinstance(action, Kill):
+            if action.task_id is None:
+                w.killed = True
+            else:
+                w.killed_tasks.add(action.task_id)
+        elif action is not None:
+            w.retired = True
+        return cpu_percent, action
+
+    def keep_only(self, keys: Iterable[Hashable]) -> None:
+        """Forget every worker not in ``keys`` (gone)."""
+        keep = set(keys)
+        for key in [k for k in self._workers if k not in keep]:
+            del self._workers[key]
+
+    def _decide(
+        self, w: _Watched, now: float, rss: int, pid: int, spawned_at: float, running: Sequence[Running], retiring: bool
+    ) -> Kill | Retire | None:
+        stall = self.limits.stall_timeout
+        cpu_window = w.cpu.window(now, stall) if stall is not None else None
+        for r in running or (None,):
+            sample = WorkerSample(
+                pid=pid,
+                rss=rss,
+                age_s=now - spawned_at,
+                lifetime_s=w.lifetime_s,
+                task_id=r.task_id if r is not None else 0,
+                task_started=r.started if r is not None else None,
+                task_timeout=r.timeout if r is not None else None,
+                cpu_window_s=cpu_window,
+                # Retired but not yet shown so: never retire twice, but keep watching its last task.
+                retiring=retiring or w.retired,
+            )
+            action = decide(sample, self.limits, now)
+            if action is not None:
+                return action
+        return None
+
+
+def describe_kill(a: Kill, worker: str) -> str:
+    """The log line of a kill the limits call for; ``worker`` names the worker."""
+    if a.reason is ExitReason.MEMORY:
+        return f"{worker} uses {a.rss} bytes, over max_rss {a.limit}: killing it"
+    if a.reason is ExitReason.TIMEOUT:
+        return f"task {a.task_id} on {worker} ran {a.elapsed:.1f}s, over its timeout {a.timeout:.1f}s: killing the worker"
+    return f"task {a.task_id} on {worker} stalled ({a.cpu_s:.3f}s CPU in {a.timeout:.1f}s): killing the worker"
 
 
 class Monitor:
-    """Samples all workers at a fixed interval; acts on :class:`Limits`."""
+    """Samples all local workers at a fixed interval; acts on :class:`Limits`."""
 
     def __init__(
         self,
@@ -71,14 +170,15 @@ class Monitor:
         self._get_core = get_core
         self.limits = limits
         self.interval_s = interval_s
-        self._rng = rng or random.Random()
-        self._state: dict[int, _WorkerState] = {}
+        self._limiter = Limiter(limits, interval_s, rng)
+        self._probe = PsutilProbe()
+        self._spawned: dict[int, float] = {}  # pid -> spawned_at of the worker the probe follows
         self.samples: dict[int, Sample] = {}
         self.peak_rss = 0
         self._paused = False
         self._paused_core: Any = None
         self._stop = threading.Event()
-        self._total_ram = psutil.virtual_memory().total
+        self._total_ram = self._probe.total_memory()
         self._thread = threading.Thread(target=self._run, name=f"{name}-monitor", daemon=True)
 
     def start(self) -> None:
@@ -101,130 +201,45 @@ class Monitor:
     def tick(self, now: float) -> None:
         """Sample every worker once and act on the limits."""
         core = self._get_core()
-        limits = self.limits
+        probe = self._probe
         samples: dict[int, Sample] = {}
         seen: set[int] = set()
         for view in core.worker_views():
             pid = view.pid
             seen.add(pid)
-            st = self._state.get(pid)
-            if st is None or st.spawned_at != view.spawned_at:
-                try:
-                    st = _WorkerState(psutil.Process(pid), view.spawned_at, lifetime_with_jitter(limits.max_lifetime, self._rng))
-                except psutil.Error:
-                    continue
-                self._state[pid] = st
-            measured = self._measure(st, now)
-            if measured is None:
-                continue
-            rss, cpu = measured
-            cpu_pct = self._record_cpu(st, now, cpu)
-            samples[pid] = Sample(rss=rss, cpu_percent=cpu_pct)
-            if rss > self.peak_rss:
-                self.peak_rss = rss
-            if st.killed:
+            if self._spawned.get(pid) != view.spawned_at:
+                probe.forget(pid)  # a new worker under a reused pid
+                self._spawned[pid] = view.spawned_at
+            reading = probe.measure(pid, now)
+            if reading is None:
                 continue
             task_id, started, _ = core.read_slot(view.slot)
-            if task_id and task_id == st.killed_task:
-                continue
-            action = self._decide(st, view, core, now, rss, task_id, started)
-            if isinstance(action, Kill) and action.reason is ExitReason.STALL and st.members_at < now:
-                # Calling a task hung is a strong claim: first look for subprocesses started
-                # since the last scan (a task waiting on a busy child is not stalled).
-                st.members_at = -1e9
-                measured = self._measure(st, now)
-                if measured is None:
-                    continue
-                rss, cpu = measured
-                st.history[-1] = (now, max(cpu, st.history[-1][1]))
-                action = self._decide(st, view, core, now, rss, task_id, started)
-            if action is None:
-                continue
-            if isinstance(action, Kill):
-                if action.task_id is not None:
-                    st.killed_task = action.task_id
-                else:
-                    st.killed = True
-            else:
-                st.retired = True
-            self._apply(core, action)
-        for pid in list(self._state):
-            if pid not in seen:
-                del self._state[pid]
+            running = [] if not task_id or started is None else [Running(task_id=task_id, started=started, timeout=core.task_timeouts.get(task_id))]
+
+            def recheck(pid: int = pid) -> Reading | None:
+                return probe.measure(pid, now, rescan=True)
+
+            cpu_percent, action = self._limiter.judge(
+                pid,
+                now,
+                reading,
+                pid=pid,
+                spawned_at=view.spawned_at,
+                running=running,
+                retiring=view.retiring,
+                recheck=None if probe.rescanned_since(pid, now) else recheck,
+            )
+            samples[pid] = Sample(rss=reading.rss, cpu_percent=cpu_percent)
+            if reading.rss > self.peak_rss:
+                self.peak_rss = reading.rss
+            if action is not None:
+                self._apply(core, action)
+        for pid in [p for p in self._spawned if p not in seen]:
+            del self._spawned[pid]
+            probe.forget(pid)
+        self._limiter.keep_only(seen)
         self.samples = samples
         self._check_available(core)
-
-    def _record_cpu(self, st: _WorkerState, now: float, cpu: float) -> float | None:
-        """Add a CPU sample to the worker's history; return the tree's CPU % since the last one."""
-        hist = st.history
-        prev = hist[-1] if hist else None
-        if prev is not None and cpu < prev[1]:
-            # The tree lost CPU time it had counted (a subprocess reaped outside the tree,
-            # a member that vanished mid-read): older samples no longer compare. Start over,
-            # so no stall is called on a negative difference.
-            hist.clear()
-            prev = None
-        hist.append((now, cpu))
-        keep = (self.limits.stall_timeout or 0.0) + 2 * self.interval_s
-        while len(hist) > 2 and hist[1][0] <= now - keep:
-            hist.popleft()
-        if prev is None or now <= prev[0]:
-            return None
-        return 100.0 * (cpu - prev[1]) / (now - prev[0])
-
-    def _cpu_window(self, st: _WorkerState, now: float) -> float | None:
-        """CPU seconds the tree used since the newest sample at least stall_timeout old (None: too little history)."""
-        stall = self.limits.stall_timeout
-        hist = st.history
-        if stall is None or not hist or hist[0][0] > now - stall:
-            return None
-        base = hist[0]
-        for t, c in hist:
-            if t <= now - stall:
-                base = (t, c)
-            else:
-                break
-        return hist[-1][1] - base[1]
-
-    def _decide(self, st: _WorkerState, view: Any, core: Any, now: float, rss: int, task_id: int, started: float | None) -> Kill | Retire | None:
-        sample = WorkerSample(
-            pid=view.pid,
-            rss=rss,
-            age_s=now - view.spawned_at,
-            lifetime_s=st.lifetime_s,
-            task_id=task_id,
-            task_started=started,
-            task_timeout=core.task_timeouts.get(task_id) if task_id else None,
-            cpu_window_s=self._cpu_window(st, now),
-            # Retired but not yet shown so: never retire twice, but keep watching its last task.
-            retiring=view.retiring or st.retired,
-        )
-        return decide(sample, self.limits, now)
-
-    def _measure(self, st: _WorkerState, now: float) -> tuple[int, float] | None:
-        """RSS (bytes) and CPU seconds of the worker's process tree, or None if it is gone.
-
-        CPU counts each process's own time and the time of the children it has reaped
-        (``children_user``/``children_system``), so the total does not drop when a
-        task's subprocess exits: work done by a subprocess is not mistaken for a stall.
-        """
-        try:
-            with st.proc.oneshot():
-                rss = st.proc.memory_info().rss
-                cpu = _cpu_seconds(st.proc.cpu_times())
-        except psutil.Error:
-            return None
-        if now - st.members_at >= _CHILDREN_EVERY_S:
-            st.members_at = now
-            st.members = _descendants(st.proc)
-        for child in st.members:
-            try:
-                with child.oneshot():
-                    rss += child.memory_info().rss
-                    cpu += _cpu_seconds(child.cpu_times())
-            except psutil.Error:
-                continue
-        return rss, cpu
 
     def _apply(self, core: Any, action: Kill | Retire) -> None:
         if isinstance(action, Retire):
@@ -232,25 +247,8 @@ class Monitor:
             core.retire_worker(action.pid, action.reason)
             return
         a = action
-        if a.reason is ExitReason.MEMORY:
-            log.warning("worker %d uses %d bytes, over max_rss %d: killing it", a.pid, a.rss, a.limit)
-
-            def make(task: Any, elapsed: float) -> BaseException:
-                return errors.MemoryLimitError(pid=a.pid, rss=a.rss, limit=a.limit, task_id=task.id)
-
-        elif a.reason is ExitReason.TIMEOUT:
-            log.warning("task %s on worker %d ran %.1fs, over its timeout %.1fs: killing the worker", a.task_id, a.pid, a.elapsed, a.timeout)
-
-            def make(task: Any, elapsed: float) -> BaseException:
-                return errors.TaskTimeoutError(pid=a.pid, timeout=a.timeout, elapsed=max(elapsed, a.elapsed), task_id=task.id)
-
-        else:
-            log.warning("task %s on worker %d stalled (%.3fs CPU in %.1fs): killing the worker", a.task_id, a.pid, a.cpu_s, a.timeout)
-
-            def make(task: Any, elapsed: float) -> BaseException:
-                return errors.TaskStalledError(pid=a.pid, timeout=a.timeout, elapsed=max(elapsed, a.elapsed), task_id=task.id, cpu_seconds=a.cpu_s)
-
-        core.kill_worker(a.pid, a.reason, make, task_id=a.task_id)
+        log.warning("%s", describe_kill(a, f"worker {a.pid}"))
+        core.kill_worker(a)  # the core maps it to its task's error: Kill.to_error
 
     def _check_available(self, core: Any) -> None:
         floor = self.limits.min_available_bytes(self._total_ram)
@@ -258,7 +256,7 @@ class Monitor:
             return
         if self._paused and self._paused_core is not core:
             self._paused = False  # a rebuilt core starts unpaused: judge it afresh
-        avail = psutil.virtual_memory().available
+        avail = self._probe.available_memory()
         if not self._paused and avail < floor:
             self._paused = True
             self._paused_core = core
@@ -267,46 +265,3 @@ class Monitor:
             self._paused = False
             self._paused_core = None
             core.resume_dispatch()
-
-
-def _cpu_seconds(t: Any) -> float:
-    """User + system time of a process and of the children it has reaped."""
-    return float(t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0))
-
-
-def _descendants(proc: psutil.Process) -> list[psutil.Process]:
-    """Every process below ``proc``.
-
-    On Linux this reads ``/proc/<pid>/task/<tid>/children`` for each thread: a few small
-    files per worker, where psutil's ``children()`` scans every process on the machine
-    (measured: most of the monitor's CPU). Elsewhere, psutil.
-    """
-    if not _PROC_CHILDREN or not os.path.isdir(f"/proc/{proc.pid}/task"):
-        try:  # no /proc view of it (not Linux, or it is gone): let psutil decide
-            return proc.children(recursive=True)
-        except psutil.Error:
-            return []
-    out: list[psutil.Process] = []
-    stack = [proc.pid]
-    while stack:
-        pid = stack.pop()
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue  # gone meanwhile
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    kids = f.read().split()
-            except OSError:
-                continue
-            for kid in kids:
-                try:
-                    out.append(psutil.Process(int(kid)))
-                except psutil.Error:
-                    continue
-                stack.append(int(kid))
-    return out
-
-
-_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")

@@ -7,8 +7,10 @@ decides, and the tests drive it with made-up samples and a fake clock.
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass
 
+from .. import errors
 from ..events import ExitReason
 from .limits import Limits
 
@@ -35,7 +37,12 @@ class WorkerSample:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Kill:
-    """Kill the worker now; its running task (``task_id``, if any) fails with the error these fields describe."""
+    """Kill the worker now; its running task (``task_id``, if any) fails with :meth:`to_error`.
+
+    A value, not a closure: commands carry it from the deciding thread (the monitor,
+    the Dask poller, :meth:`ResilientPool.abort`) to the core, which calls
+    :meth:`to_error` once it knows which task the kill cost and how long it ran.
+    """
 
     pid: int
     task_id: int | None
@@ -45,6 +52,37 @@ class Kill:
     timeout: float = 0.0
     elapsed: float = 0.0
     cpu_s: float = 0.0
+    #: for any other reason: why the worker was killed, said in the task's WorkerCrashedError
+    detail: str = ""
+
+    def to_error(self, task_id: int, fn_name: str, elapsed: float, *, address: str | None = None) -> errors.ResilpoolError:
+        """The error the task this kill cost fails with (``elapsed``: seconds it had run).
+
+        The one kill-to-error mapping of the pool: MEMORY -> MemoryLimitError, TIMEOUT ->
+        TaskTimeoutError, STALL -> TaskStalledError, anything else -> WorkerCrashedError
+        naming ``detail``.  ``address`` (a Dask worker's) is kept as ``err.address``.
+        """
+        err: errors.ResilpoolError
+        elapsed = max(elapsed, self.elapsed)
+        match self.reason:
+            case ExitReason.MEMORY:
+                err = errors.MemoryLimitError(pid=self.pid, rss=self.rss, limit=self.limit, task_id=task_id)
+            case ExitReason.TIMEOUT:
+                err = errors.TaskTimeoutError(pid=self.pid, timeout=self.timeout, elapsed=elapsed, task_id=task_id)
+            case ExitReason.STALL:
+                err = errors.TaskStalledError(pid=self.pid, timeout=self.timeout, elapsed=elapsed, task_id=task_id, cpu_seconds=self.cpu_s)
+            case _:
+                why = self.detail or f"its worker was killed ({self.reason.value})"
+                err = errors.WorkerCrashedError(
+                    f"worker {self.pid} was killed after {elapsed:.2f}s while running task {task_id} (fn={fn_name}): {why}",
+                    pid=self.pid,
+                    exitcode=-signal.SIGKILL,
+                    task_id=task_id,
+                    fn_name=fn_name,
+                )
+        if address is not None:
+            setattr(err, "address", address)  # survives pickling (__dict__ is carried)
+        return err
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

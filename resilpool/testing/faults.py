@@ -11,8 +11,8 @@ supervised pool must survive, and logs each one with its seed::
 What it owns: the random streams (every choice comes from ``random.Random`` seeded
 from ``seed``), the fault log, a temporary directory of per-task markers, and one
 thread (``resilpool-chaos``) that fires the process faults.  It touches the pool only
-through its test seams: ``pool._task_wrapper`` (set on attach, restored on detach),
-``pool.workers()``, ``pool.stats()`` and ``pool._break_core_for_test()``.
+through its documented test hooks: ``pool.set_task_wrapper()`` (set on attach, restored
+on detach), ``pool.config``, ``pool.workers()``, ``pool.stats()`` and ``pool.break_core_for_test()``.
 
 Two families of faults:
 
@@ -28,6 +28,15 @@ records that it fired), so a retried idempotent task then succeeds.
 - ``balloon``: the task's worker grows past ``Limits.max_rss`` and holds it
   (enabled only when the pool has ``max_rss``).
 - ``delay``: the result comes back late (the task sleeps after running).
+- ``junk_frame``: the task writes 64 random bytes (claiming a huge frame) on its
+  worker's result pipe, then goes on; the pool must kill that worker, fail or retry
+  the task, and affect no other.
+- ``truncated_frame``: the task writes the first part of a frame on the result pipe,
+  then its worker dies (SIGKILL).
+- ``result_pickle_raises``: the task's result raises ``KeyboardInterrupt`` or
+  ``SystemExit`` when the worker pickles it.
+- ``result_unpickle_raises``: the task's result raises ``KeyboardInterrupt`` or
+  ``SystemExit`` when the parent unpickles it.
 
 Which task gets which task fault depends only on the seed and the order of the
 submissions: with one submitting thread a run replays them exactly.
@@ -44,6 +53,16 @@ timing and cannot be replayed exactly (its choice among the candidates is drawn 
 - ``stop``: SIGSTOP a worker mid-task (needs ``stall_timeout`` or ``task_timeout``).
 - ``break_core``: break the executor core (the rebuild path); at most
   :data:`MAX_CORE_BREAKS_PER_MINUTE` per minute, below the pool's own rebuild limit.
+- ``stop_idle``: SIGSTOP a worker that runs no task (tasks may be queued to it); never
+  resumed by the injector (until it detaches).
+- ``stop_resume``: SIGSTOP a worker mid-task and SIGCONT it after a random delay (from
+  a tenth of the stall timeout to twice it): the task either goes on or is caught as
+  stalled.
+
+The kinds above the line in :class:`FaultKind` make :data:`DEFAULT_WEIGHTS`; the
+newer ones (``stop_idle``, ``stop_resume``, the frame and result faults) are drawn only
+when asked for (``kinds=``, or :data:`ALL_WEIGHTS`). A hung initializer is not a
+submission's fault: build the pool with :class:`HangingInitializer`.
 
 Only ready workers are killed: a worker killed while starting counts toward the
 crash-loop breaker, which would (rightly) break the pool.
@@ -54,6 +73,7 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
+import heapq
 import itertools
 import logging
 import os
@@ -72,11 +92,14 @@ if TYPE_CHECKING:
     from .._pool import ResilientPool
 
 __all__ = [
+    "ALL_WEIGHTS",
     "DEFAULT_WEIGHTS",
     "Fault",
     "FaultInjector",
     "FaultKind",
+    "HangingInitializer",
     "MAX_CORE_BREAKS_PER_MINUTE",
+    "MID_TASK_PROCESS_FAULTS",
 ]
 
 log = logging.getLogger("resilpool.testing")
@@ -102,13 +125,49 @@ class FaultKind(str, enum.Enum):
     HANG = "hang"  #: the task SIGSTOPs its worker (first attempt; needs stall_timeout or task_timeout)
     BALLOON = "balloon"  #: the task's worker grows past max_rss (first attempt; needs max_rss)
     DELAY = "delay"  #: the task's result comes back late (first attempt)
+    # --- not in DEFAULT_WEIGHTS ---
+    STOP_IDLE = "stop_idle"  #: SIGSTOP a worker between tasks
+    STOP_RESUME = "stop_resume"  #: SIGSTOP a worker mid-task, SIGCONT it later
+    JUNK_FRAME = "junk_frame"  #: the task writes random bytes on its result pipe (first attempt)
+    TRUNCATED_FRAME = "truncated_frame"  #: the task writes part of a frame, then its worker dies (first attempt)
+    RESULT_PICKLE_RAISES = "result_pickle_raises"  #: the result raises a BaseException when pickled (first attempt)
+    RESULT_UNPICKLE_RAISES = "result_unpickle_raises"  #: ... when unpickled in the parent (first attempt)
 
     @property
     def per_task(self) -> bool:
         return self in _PER_TASK
 
+    @property
+    def fails_attempt(self) -> bool:
+        """A task fault that makes the attempt it hits fail (the task may have run: not for non-idempotent work)."""
+        return self in _FAILS_ATTEMPT
 
-_PER_TASK: Final = frozenset({FaultKind.EXIT, FaultKind.HANG, FaultKind.BALLOON, FaultKind.DELAY})
+
+_PER_TASK: Final = frozenset(
+    {
+        FaultKind.EXIT,
+        FaultKind.HANG,
+        FaultKind.BALLOON,
+        FaultKind.DELAY,
+        FaultKind.JUNK_FRAME,
+        FaultKind.TRUNCATED_FRAME,
+        FaultKind.RESULT_PICKLE_RAISES,
+        FaultKind.RESULT_UNPICKLE_RAISES,
+    }
+)
+_FAILS_ATTEMPT: Final = frozenset(
+    {
+        FaultKind.EXIT,
+        FaultKind.HANG,
+        FaultKind.BALLOON,
+        FaultKind.JUNK_FRAME,
+        FaultKind.TRUNCATED_FRAME,
+        FaultKind.RESULT_PICKLE_RAISES,
+        FaultKind.RESULT_UNPICKLE_RAISES,
+    }
+)
+#: Process faults that hit a worker mid-task (the chaos checks explain a failure by them).
+MID_TASK_PROCESS_FAULTS: Final = frozenset({FaultKind.KILL_BUSY, FaultKind.STOP, FaultKind.STOP_RESUME})
 
 #: Relative weights of the kinds when a fault is due (the default mix).
 DEFAULT_WEIGHTS: Final[Mapping[FaultKind, float]] = {
@@ -120,6 +179,17 @@ DEFAULT_WEIGHTS: Final[Mapping[FaultKind, float]] = {
     FaultKind.HANG: 1.0,
     FaultKind.BALLOON: 0.5,
     FaultKind.DELAY: 3.0,
+}
+
+#: Every kind, the newer ones included (for the soak and the scenarios that model them).
+ALL_WEIGHTS: Final[Mapping[FaultKind, float]] = {
+    **DEFAULT_WEIGHTS,
+    FaultKind.STOP_IDLE: 0.5,
+    FaultKind.STOP_RESUME: 1.0,
+    FaultKind.JUNK_FRAME: 0.5,
+    FaultKind.TRUNCATED_FRAME: 0.5,
+    FaultKind.RESULT_PICKLE_RAISES: 0.5,
+    FaultKind.RESULT_UNPICKLE_RAISES: 0.5,
 }
 
 
@@ -171,6 +241,8 @@ class _TaskFault:
     delay_s: float = 0.0
     balloon_bytes: int = 0
     hold_s: float = 0.0
+    junk: bytes = b""
+    raises: str = ""  #: "KeyboardInterrupt" or "SystemExit" (result faults)
 
 
 def _first_attempt(marker: str) -> bool:
@@ -203,10 +275,82 @@ def _faulty_call(fault: _TaskFault, fn: Callable[..., Any], args: tuple[Any, ...
             while time.monotonic() < deadline:  # the supervisor should kill us meanwhile
                 time.sleep(0.01)
             del block
+        elif fault.kind in ("junk_frame", "truncated_frame"):
+            _write_frame_fault(fault)
     value = fn(*args, **kwargs)
     if first and fault.kind == "delay":
         time.sleep(fault.delay_s)
+    elif first and fault.kind == "result_pickle_raises":
+        return _RaisesWhenPickled(fault.raises)
+    elif first and fault.kind == "result_unpickle_raises":
+        return _RaisesWhenUnpickled(fault.raises)
     return value
+
+
+def _base_exception(name: str) -> BaseException:
+    return KeyboardInterrupt("injected") if name == "KeyboardInterrupt" else SystemExit("injected")
+
+
+def _write_frame_fault(fault: _TaskFault) -> None:
+    """Junk on the worker's result pipe, or the first part of a frame and then death."""
+    from .._core.worker import result_fd
+
+    fd = result_fd()
+    if fd is None:  # not in a pool worker (a Dask worker): nothing to corrupt
+        return
+    os.write(fd, fault.junk)
+    if fault.kind == "truncated_frame":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _RaisesWhenPickled:
+    """A result whose ``__reduce__`` raises a BaseException (in the worker)."""
+
+    def __init__(self, raises: str) -> None:
+        self.raises = raises
+
+    def __reduce__(self) -> Any:
+        raise _base_exception(self.raises)
+
+
+def _raise_when_unpickled(raises: str) -> Any:
+    raise _base_exception(raises)
+
+
+class _RaisesWhenUnpickled:
+    """A result that pickles fine and raises a BaseException when unpickled (in the parent)."""
+
+    def __init__(self, raises: str) -> None:
+        self.raises = raises
+
+    def __reduce__(self) -> Any:
+        return (_raise_when_unpickled, (self.raises,))
+
+
+@dataclass(frozen=True, slots=True)
+class HangingInitializer:
+    """A pool ``initializer`` whose first ``hangs`` calls (across all workers) hang for ever.
+
+    A hung call blocks in ``time.sleep`` without using CPU, as an initializer waiting on
+    a lock or a dead server would; later calls run ``inner(*initargs)``. Calls are
+    counted with marker files in ``marker_dir`` (the directory must exist and outlive
+    the pool), so the count holds across worker processes and start methods::
+
+        init = HangingInitializer(str(tmp_path), hangs=2)
+        pool = ResilientPool(2, initializer=init, limits=Limits(init_timeout=3))
+    """
+
+    marker_dir: str
+    hangs: int = 1
+    inner: Callable[..., object] | None = None
+
+    def __call__(self, *initargs: Any) -> None:
+        for i in range(self.hangs):
+            if _first_attempt(os.path.join(self.marker_dir, f"init-hang-{i}")):
+                while True:
+                    time.sleep(3600)
+        if self.inner is not None:
+            self.inner(*initargs)
 
 
 def _sub_seed(seed: int, stream: str) -> str:
@@ -293,6 +437,9 @@ class FaultInjector:
         self._resolved0 = 0
         self._stopped: set[int] = set()
         self._hits: collections.Counter[int] = collections.Counter()  # pool task id -> mid-task faults
+        self._resumes: list[tuple[float, int]] = []  # heap of (when, pid): stop_resume's SIGCONTs due
+        # The scale of a stop_resume's pause: around the stall timeout, so both outcomes happen.
+        self._stall_s = float(limits.stall_timeout) if limits.stall_timeout is not None else 0.5
         self.attached = False
 
     # --- configuration ------------------------------------------------------------
@@ -315,7 +462,7 @@ class FaultInjector:
                 kind = FaultKind(k)
             except ValueError:
                 raise ValueError(f"FaultInjector.kinds: unknown fault {k!r}; known: {', '.join(x.value for x in FaultKind)}") from None
-            weight = DEFAULT_WEIGHTS[kind] if w is None else w
+            weight = ALL_WEIGHTS[kind] if w is None else w
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
                 raise ValueError(f"FaultInjector.kinds: the weight of {kind.value} must be a number >= 0, got {w!r}")
             if kind in (FaultKind.STOP, FaultKind.HANG) and not self._can_hang:
@@ -339,8 +486,7 @@ class FaultInjector:
         self._t0 = time.monotonic()
         s = self.pool.stats()
         self._resolved0 = s.completed + s.failed + s.cancelled
-        self._prev_wrapper = self.pool._task_wrapper
-        self.pool._task_wrapper = self._wrap
+        self._prev_wrapper = self.pool.set_task_wrapper(self._wrap)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="resilpool-chaos", daemon=True)
         self._thread.start()
@@ -354,8 +500,8 @@ class FaultInjector:
         if not self.attached:
             return
         self.attached = False
-        if self.pool._task_wrapper == self._wrap:
-            self.pool._task_wrapper = self._prev_wrapper
+        if self.pool.set_task_wrapper(self._prev_wrapper) != self._wrap:
+            self.pool.set_task_wrapper(self._wrap)  # someone else's wrapper is on top: leave it
         self._stop.set()
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(10.0)
@@ -368,6 +514,7 @@ class FaultInjector:
         for f in self.faults:
             if f.fired is None:
                 f.fired = False
+        self._resumes.clear()
         live = {w.pid for w in self.pool.workers()}
         for pid in self._stopped & live:  # not caught (yet): let the pool's shutdown see it exit
             _signal(pid, signal.SIGCONT)
@@ -412,13 +559,15 @@ class FaultInjector:
                     assert self._max_rss is not None
                     extra = rng.randint(32, 96) * _MIB
                     size = self._max_rss + extra
-                    hold = max(5.0, 40 * float(getattr(self.pool._monitor, "interval_s", 0.2)))
+                    hold = max(5.0, 40 * float(self.pool.config.monitor_interval or 0.2))
                     spec = _TaskFault("balloon", marker, balloon_bytes=size, hold_s=hold)
                     fault.detail = f"{size // _MIB} MiB, max_rss {self._max_rss // _MIB} MiB"
-                else:
+                elif kind is FaultKind.DELAY:
                     d = rng.uniform(*self._delay)
                     spec = _TaskFault("delay", marker, delay_s=d)
                     fault.detail = f"{d * 1000:.0f} ms"
+                else:
+                    spec = self._draw_new_task_fault(kind, marker, fault, rng)
             else:
                 self._due.append(fault)
             try:
@@ -432,6 +581,27 @@ class FaultInjector:
         if spec is None:
             return fn, args, kwargs
         return _faulty_call, (spec, fn, args, kwargs), {}
+
+    def _draw_new_task_fault(self, kind: FaultKind, marker: str, fault: Fault, rng: random.Random) -> _TaskFault:
+        """The frame and result faults (see the module docstring); draws from the tasks stream."""
+        if kind is FaultKind.JUNK_FRAME:
+            # A length field with its high bits set: a frame reader that believes it waits for ever.
+            length = rng.getrandbits(64) | (1 << 62)
+            junk = length.to_bytes(8, "little") + rng.getrandbits(56 * 8).to_bytes(56, "little")
+            fault.detail = f"64 random bytes, claiming {length} bytes"
+            return _TaskFault("junk_frame", marker, junk=junk)
+        if kind is FaultKind.TRUNCATED_FRAME:
+            from .._core import protocol
+
+            body_len = rng.randint(16, 4096)
+            frame = protocol.HEADER.pack(body_len, protocol.Kind.SUCCEEDED, 0, 0.0) + rng.randbytes(body_len)
+            cut = rng.randrange(1, len(frame))
+            fault.detail = f"{cut} of {len(frame)} bytes, then SIGKILL"
+            return _TaskFault("truncated_frame", marker, junk=frame[:cut])
+        raises = rng.choice(("KeyboardInterrupt", "SystemExit"))
+        where = "pickled in the worker" if kind is FaultKind.RESULT_PICKLE_RAISES else "unpickled in the parent"
+        fault.detail = f"{raises} when {where}"
+        return _TaskFault(kind.value, marker, raises=raises)
 
     # --- what happened ------------------------------------------------------------
 
@@ -488,6 +658,7 @@ class FaultInjector:
         due_since: dict[int, float] = {}  # fault seq -> when the pool's progress reached it
         while not self._stop.wait(_TICK_S):
             try:
+                self._resume_due()
                 self._step(due_since)
             except Exception:  # the injector must never be what fails a test run
                 log.error("chaos seed=%d: the injector's thread failed a step", self.seed, exc_info=True)
@@ -520,6 +691,49 @@ class FaultInjector:
             if outcome:
                 return  # one fault per tick
 
+    def _resume_due(self) -> None:
+        """SIGCONT the workers a ``stop_resume`` fault stopped, once their delay is over (injector thread)."""
+        now = time.monotonic()
+        while self._resumes and self._resumes[0][0] <= now:
+            _, pid = heapq.heappop(self._resumes)
+            self._stopped.discard(pid)
+            _signal(pid, signal.SIGCONT)
+
+    def _pick_target(self, views: list[Any], *, idle: bool) -> int | None:
+        """A worker's pid, drawn from the process stream: an idle one, or one running a task."""
+        if idle:
+            candidates = [w for w in views if w.task_id is None]
+        else:
+            # Not the same task again and again: when it is the only one left running, the pool
+            # would (rightly) quarantine a task whose every attempt dies.
+            candidates = [w for w in views if w.task_id is not None and self._hits[w.task_id] < _MAX_HITS_PER_TASK]
+        if not candidates:
+            return None
+        candidates.sort(key=lambda w: w.pid)
+        return int(candidates[self._proc_rng.randrange(len(candidates))].pid)
+
+    def _fire_new(self, fault: Fault, views: list[Any]) -> bool | None:
+        """``stop_idle`` and ``stop_resume`` (see the module docstring); None: no target yet."""
+        pid = self._pick_target(views, idle=fault.kind is FaultKind.STOP_IDLE)
+        if pid is None or not _signal(pid, signal.SIGSTOP):
+            return None
+        task_id = _running_task(self.pool, pid)
+        if fault.kind is FaultKind.STOP_RESUME:
+            if task_id is None:  # it finished meanwhile: not what this fault is about
+                _signal(pid, signal.SIGCONT)
+                return None
+            delay = self._proc_rng.uniform(0.1, 2.0) * self._stall_s
+            heapq.heappush(self._resumes, (time.monotonic() + delay, pid))
+            fault.detail = f"SIGSTOP, SIGCONT after {delay:.2f}s"
+            self._hits[task_id] += 1
+        else:
+            fault.detail = "SIGSTOP" + ("" if task_id is None else " (it had just started a task)")
+        self._stopped.add(pid)
+        fault.pid = pid
+        fault.task_id = task_id
+        fault.at_s = time.monotonic() - self._t0
+        return True
+
     def _fire(self, fault: Fault, now: float) -> bool | None:
         """Try to fire a process fault now; None: no target yet."""
         kind = fault.kind
@@ -533,21 +747,15 @@ class FaultInjector:
             if self.pool.stats().broken:
                 return False
             breaks.append(now)
-            self.pool._break_core_for_test()
+            self.pool.break_core_for_test()
             fault.at_s = now - self._t0
             return True
         views = [w for w in self.pool.workers() if w.ready and not w.retiring and w.pid not in self._stopped]
-        if kind is FaultKind.KILL_IDLE:
-            candidates = [w for w in views if w.task_id is None]
-        else:
-            # Not the same task again and again: when it is the only one left running, the pool
-            # would (rightly) quarantine a task whose every attempt dies.
-            candidates = [w for w in views if w.task_id is not None and self._hits[w.task_id] < _MAX_HITS_PER_TASK]
-        if not candidates:
+        if kind in (FaultKind.STOP_IDLE, FaultKind.STOP_RESUME):
+            return self._fire_new(fault, views)
+        pid = self._pick_target(views, idle=kind is FaultKind.KILL_IDLE)
+        if pid is None:
             return None
-        candidates.sort(key=lambda w: w.pid)
-        target = candidates[self._proc_rng.randrange(len(candidates))]
-        pid = target.pid
         task_id: int | None = None
         if kind is not FaultKind.KILL_IDLE:
             # Stop it, then look: the slot cannot move on while we decide.

@@ -12,6 +12,8 @@ pool load when a test asks for a fixture.
   section with the seed, the faults injected and the command that replays it.
 - ``resilpool_leak_check`` fixture: fails a test that leaves child processes,
   threads or file descriptors behind.
+- ``resilpool_core_guard`` fixture: fails a test in which the pool's core logs an ERROR
+  or rebuilds, unless it is marked ``@pytest.mark.resilpool_core_errors``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ if TYPE_CHECKING:
     from .._pool import ResilientPool
     from .faults import FaultInjector, FaultKind
 
-__all__ = ["Chaos", "LeakCheck", "Leaks", "chaos", "replay_command", "resilpool_leak_check", "session_seed"]
+__all__ = [
+    "CORE_ERRORS_MARKER",
+    "Chaos",
+    "LeakCheck",
+    "Leaks",
+    "chaos",
+    "replay_command",
+    "resilpool_core_guard",
+    "resilpool_leak_check",
+    "session_seed",
+]
 
 DEFAULT_RATE = 0.1
 _SEED = pytest.StashKey[int]()
@@ -92,6 +104,9 @@ def pytest_configure(config: pytest.Config) -> None:
         else:
             seed = random.SystemRandom().randrange(2**32)
     config.stash[_SEED] = seed
+    config.addinivalue_line(
+        "markers", f"{CORE_ERRORS_MARKER}: the test provokes ERROR logs from the pool's core (or a rebuild) on purpose"
+    )
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -246,6 +261,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 # --- leaks ------------------------------------------------------------------------
 
 _SERVICE_MARKERS = ("forkserver", "resource_tracker")
+# multiprocessing.heap keeps the small shared-memory arenas behind RawArray/Value for reuse
+# (a process-wide cache, two descriptors each: the file and the mmap's own): not a leak.
+_HEAP_ARENA = "/dev/shm/pym-"
 
 
 @dataclass(frozen=True)
@@ -301,7 +319,9 @@ class LeakCheck:
         children = sorted(self._children() - self.children)
         threads = [t.name for t in threading.enumerate() if t not in self.threads and t.is_alive()]
         now = _open_fds()
-        fds = {fd: what for fd, what in now.items() if self.fds.get(fd) != what} if len(now) > len(self.fds) else {}
+        fds = {fd: what for fd, what in now.items() if self.fds.get(fd) != what and not what.startswith(_HEAP_ARENA)}
+        if len([w for w in now.values() if not w.startswith(_HEAP_ARENA)]) <= len([w for w in self.fds.values() if not w.startswith(_HEAP_ARENA)]):
+            fds = {}
         if not children and not threads and not fds:
             return None
         return Leaks(children, threads, fds)
@@ -347,3 +367,90 @@ def resilpool_leak_check() -> Iterator[LeakCheck]:
     if leaks is not None:
         pytest.fail(f"test leaked {leaks}", pytrace=False)
 
+
+
+# --- the core guard: no ERROR from the pool's core, no rebuild, unless a test asks for it --
+
+#: Marker: this test provokes ERROR logs from the pool's core (or a core rebuild) on purpose.
+CORE_ERRORS_MARKER = "resilpool_core_errors"
+#: Where "the core" lives: its ERROR records are bugs unless a test asks for them.
+_CORE_PATHS = (
+    os.sep + os.path.join("resilpool", "_core") + os.sep,
+    os.sep + os.path.join("resilpool", "supervisor") + os.sep,
+    os.sep + os.path.join("resilpool", "_pool.py"),
+    os.sep + os.path.join("resilpool", "retry.py"),
+)
+
+
+class _CoreErrors:
+    """A logging handler collecting ERROR records of the core (any thread)."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.records: list[Any] = []
+        lock = threading.Lock()
+        records = self.records
+
+        class Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.levelno >= logging.ERROR and any(p in record.pathname for p in _CORE_PATHS):
+                    with lock:
+                        records.append(record)
+
+        self.handler = Handler(logging.ERROR)
+
+    def messages(self, limit: int = 5) -> str:
+        lines = []
+        for r in self.records[:limit]:
+            try:
+                text = r.getMessage()
+            except Exception:  # a bad record must not hide the others
+                text = str(r.msg)
+            lines.append(f"{os.path.basename(r.pathname)}:{r.lineno}: {text}")
+        more = f" (+{len(self.records) - limit} more)" if len(self.records) > limit else ""
+        return "; ".join(lines) + more
+
+
+@pytest.fixture
+def resilpool_core_guard(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
+    """Fail the test if the pool's core logs an ERROR or rebuilds (a rebuild logs one).
+
+    Such a record means a bug in resilpool unless the test provokes it on purpose: mark
+    that test ``@pytest.mark.resilpool_core_errors``. Yields the records collected.
+    Use it from an autouse fixture (``tests/conftest.py`` and ``chaos/conftest.py`` do).
+    """
+    import logging
+
+    guard = _CoreErrors()
+    logger = logging.getLogger("resilpool")
+    logger.addHandler(guard.handler)
+    try:
+        yield guard.records
+    finally:
+        logger.removeHandler(guard.handler)
+    if not guard.records or request.node.get_closest_marker(CORE_ERRORS_MARKER) is not None:
+        return
+    # A test that injects faults (the chaos fixture) asks for their designed outcomes: a
+    # quarantine, a tripped breaker, a protocol error; a rebuild only if it broke the core.
+    chaos = request.node.stash.get(_CHAOS, None)
+    fired: set[str] = set()
+    if chaos is not None:
+        for inj in chaos.injectors:
+            fired |= {k for k, n in inj.counts().items() if n}
+    guard.records[:] = [r for r in guard.records if not _asked_for(getattr(r, "resilpool_outcome", None), chaos, fired)]
+    if guard.records:
+        pytest.fail(
+            f"the pool's core logged {len(guard.records)} ERROR record(s) this test did not ask for"
+            f" (mark it @pytest.mark.{CORE_ERRORS_MARKER} if it provokes them): {guard.messages()}",
+            pytrace=False,
+        )
+
+
+def _asked_for(outcome: str | None, chaos: Chaos | None, fired: set[str]) -> bool:
+    """Is an ERROR record with this designed ``outcome`` one the test's injected faults explain?"""
+    if outcome is None or chaos is None or not chaos.injectors:
+        return False  # not a designed outcome, or no fault injected: a bug
+    if outcome == "rebuild":
+        return "break_core" in fired
+    return True

@@ -13,6 +13,26 @@ import sqlite3
 import time
 from typing import Any
 
+from ._journal import (
+    elapsed_totals,
+    quarantined_count,
+    run_item_counts,
+    event_counts,
+    failed_item_rows,
+    failure_counts,
+    finish_buckets,
+    finish_span,
+    peak_item_row,
+    read_meta,
+    recycle_counts,
+    retried_item_count,
+    run_rows,
+    slowest_rows,
+    state_counts,
+)
+from ._locks import locked_by
+from ._view import human_bytes
+
 __all__ = ["build_report", "render_report", "write_report"]
 
 _SLOWEST = 10
@@ -21,14 +41,23 @@ _MAX_BUCKETS = 60
 
 def build_report(conn: sqlite3.Connection, journal_path: str | None = None) -> dict[str, Any]:
     """Totals, runs, recycles by reason, retries, failures, slowest items, peak memory and a timeline."""
-    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    meta = read_meta(conn)
     total = int(meta.get("item_count", "0"))
-    states = dict(conn.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
+    states = state_counts(conn)
     done, failed, running = states.get("done", 0), states.get("failed", 0), states.get("running", 0)
+    live_pid = None if journal_path is None else locked_by(journal_path)
+    per_run = run_item_counts(conn)
+    rows = run_rows(conn)
+    last_id = rows[-1][0] if rows else None
     runs = []
-    for rid, started, finished, status, pid, workers, rdone, rfailed, stats in conn.execute(
-        "SELECT id, started, finished, status, pid, workers, done, failed, stats FROM runs ORDER BY id"
-    ):
+    for rid, started, finished, status, pid, workers, _, _, stats in rows:
+        # Counts come from the items (what each run's items are now), not from the run's
+        # own row, which a killed run never wrote.  A run left 'running' is live only if
+        # its journal lock is held; otherwise it was killed.
+        live = status == "running" and rid == last_id and live_pid is not None
+        if status == "running" and not live:
+            status = "killed"
+        counts = per_run.get(rid, {})
         runs.append(
             {
                 "id": rid,
@@ -38,36 +67,29 @@ def build_report(conn: sqlite3.Connection, journal_path: str | None = None) -> d
                 "elapsed_s": None if finished is None else round(finished - started, 3),
                 "pid": pid,
                 "workers": workers,
-                "done": rdone,
-                "failed": rfailed,
+                "done": counts.get("done", 0),
+                "failed": counts.get("failed", 0),
+                "running": counts.get("running", 0) if live else 0,
                 "stats": json.loads(stats) if stats else None,
             }
         )
-    recycles: dict[str, int] = {}
-    for reason, n in conn.execute("SELECT reason, COUNT(*) FROM events WHERE kind = 'worker_exited' AND reason != 'shutdown' GROUP BY reason ORDER BY reason"):
-        recycles[str(reason)] = int(n)
-    kinds = dict(conn.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
-    retried_items = conn.execute("SELECT COUNT(*) FROM items WHERE attempts > 1").fetchone()[0]
-    failures = {
-        str(t): int(n)
-        for t, n in conn.execute("SELECT error_type, COUNT(*) FROM items WHERE state = 'failed' GROUP BY error_type ORDER BY COUNT(*) DESC, error_type")
-    }
+    live_run = next((r for r in runs if r["status"] == "running"), None)
+    recycles = recycle_counts(conn)
+    kinds = event_counts(conn)
+    retried_items = retried_item_count(conn)
+    failures = failure_counts(conn)
     failed_items = [
         {"index": i, "line": line, "attempts": a, "pid": pid, "error_type": et, "error": e}
-        for i, line, a, pid, et, e in conn.execute(
-            "SELECT idx, line, attempts, pid, error_type, error FROM items WHERE state = 'failed' ORDER BY idx LIMIT 20"
-        )
+        for i, line, a, pid, et, e in failed_item_rows(conn, 20)
     ]
     slowest = [
         {"index": i, "line": line, "elapsed_s": round(el, 6), "pid": pid, "attempts": a, "state": st}
-        for i, line, el, pid, a, st in conn.execute(
-            "SELECT idx, line, elapsed, pid, attempts, state FROM items WHERE elapsed IS NOT NULL ORDER BY elapsed DESC LIMIT ?",
-            (_SLOWEST,),
-        )
+        for i, line, el, pid, a, st in slowest_rows(conn, _SLOWEST)
     ]
-    peak_row = conn.execute("SELECT idx, pid, peak_rss FROM items WHERE peak_rss IS NOT NULL ORDER BY peak_rss DESC LIMIT 1").fetchone()
+    peak_row = peak_item_row(conn)
     pool_peak = max((int((r["stats"] or {}).get("peak_worker_rss") or 0) for r in runs), default=0)
-    elapsed = conn.execute("SELECT AVG(elapsed), SUM(elapsed) FROM items WHERE state = 'done' AND elapsed IS NOT NULL").fetchone()
+    item_peak = 0 if peak_row is None else int(peak_row[2])
+    elapsed = elapsed_totals(conn)
     return {
         "journal": journal_path,
         "function": meta.get("function"),
@@ -83,19 +105,25 @@ def build_report(conn: sqlite3.Connection, journal_path: str | None = None) -> d
             "done": done,
             "failed": failed,
             "pending": max(0, total - done - failed - running),
-            "interrupted": running,  # 'running' in a journal nobody runs: the run was stopped mid-item
+            "running": running if live_run else 0,
+            "interrupted": 0 if live_run else running,  # 'running' in a journal nobody runs: stopped mid-item
         },
+        "live": None if live_run is None else {"run": live_run["id"], "pid": live_run["pid"]},
         "complete": done == total,
         "runs": runs,
         "recycles": recycles,
         "worker_crashes": recycles.get("crash", 0) + recycles.get("startup", 0),
         "retries": {"attempts_retried": int(kinds.get("retried", 0)), "items_retried": int(retried_items)},
-        "quarantined": int(kinds.get("quarantined", 0)),
+        "quarantined": quarantined_count(conn),
+        "quarantine_events": int(kinds.get("quarantined", 0)),
         "failures_by_type": failures,
         "failed_items": failed_items,
         "task_time_s": {"mean": _round(elapsed[0]), "total": _round(elapsed[1])},
         "slowest": slowest,
         "peak_rss": {
+            # One figure: the highest resident memory of one worker, the larger of the worker's
+            # own peak at an item's end (ru_maxrss) and the monitor's samples of its process tree.
+            "bytes": max(item_peak, pool_peak) or None,
             "item_bytes": None if peak_row is None else int(peak_row[2]),
             "item_index": None if peak_row is None else int(peak_row[0]),
             "item_pid": None if peak_row is None else peak_row[1],
@@ -107,21 +135,17 @@ def build_report(conn: sqlite3.Connection, journal_path: str | None = None) -> d
 
 def _timeline(conn: sqlite3.Connection) -> dict[str, Any]:
     """Items finished per time bucket, from the first finish to the last (at most 60 buckets)."""
-    first, last = conn.execute("SELECT MIN(finished), MAX(finished) FROM items WHERE finished IS NOT NULL AND state IN ('done', 'failed')").fetchone()
-    if first is None:
+    first, last = finish_span(conn)
+    if first is None or last is None:
         return {"start": None, "bucket_s": None, "buckets": []}
     span = max(last - first, 1e-9)
     bucket = max(1, math.ceil(span / _MAX_BUCKETS))
     n = int(span // bucket) + 1
     done = [0] * n
     failed = [0] * n
-    for b, state, count in conn.execute(
-        "SELECT CAST((finished - ?) / ? AS INTEGER) AS b, state, COUNT(*) FROM items"
-        " WHERE finished IS NOT NULL AND state IN ('done', 'failed') GROUP BY b, state",
-        (first, bucket),
-    ):
-        b = min(int(b), n - 1)
-        (done if state == "done" else failed)[b] += int(count)
+    for b, state, count in finish_buckets(conn, first, bucket):
+        b = min(b, n - 1)
+        (done if state == "done" else failed)[b] += count
     return {
         "start": _iso(first),
         "bucket_s": bucket,
@@ -145,30 +169,34 @@ def _secs(x: float) -> str:
     return f"{x / 3600:.2f} h"
 
 
-def _mib(n: int | None) -> str:
-    return "-" if not n else f"{n / 2**20:.0f} MiB"
-
-
 def render_report(r: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     t = r["totals"]
     lines = [
         f"journal   {r['journal']}",
         f"function  {r['function']}",
-        f"input     {r['input']['path']} ({r['input']['format']}, {t['items']} items)",
+        f"input     {r['input']['path']} ({r['input']['format']}, {t['items']} items, {human_bytes(r['input']['size'])})",
         f"output    {r['output']}",
         "",
         f"items     {t['done']} done, {t['failed']} failed, {t['pending']} pending"
+        + (f", {t['running']} running" if t["running"] else "")
         + (f", {t['interrupted']} interrupted" if t["interrupted"] else "")
         + ("  (complete)" if r["complete"] else ""),
     ]
+    if r["live"] is not None:
+        pct = 100 * (t["done"] + t["failed"]) / max(1, t["items"])
+        lines.append(f"live      run #{r['live']['run']} is running now (pid {r['live']['pid']}): {pct:.0f}% resolved")
     lines.append(f"runs      {len(r['runs'])}")
     for run in r["runs"]:
         took = "-" if run["elapsed_s"] is None else f"{run['elapsed_s']:.1f}s"
-        lines.append(f"  #{run['id']} {run['started']}  {run['status']:<11} {took:>9}  done {run['done']}  failed {run['failed']}  workers {run['workers']}")
+        running = f"  running {run['running']}" if run["running"] else ""
+        lines.append(
+            f"  #{run['id']} {run['started']}  {run['status']:<11} {took:>9}  done {run['done']}  failed {run['failed']}{running}"
+            f"  workers {run['workers']}  pid {run['pid']}"
+        )
     recycles = ", ".join(f"{k} {v}" for k, v in r["recycles"].items()) or "none"
     lines.append(f"recycles  {recycles}")
-    lines.append(f"retries   {r['retries']['attempts_retried']} attempts retried; items with more than one attempt: {r['retries']['items_retried']}; quarantined: {r['quarantined']}")
+    lines.append(f"retries   {r['retries']['attempts_retried']} attempts retried; items with more than one attempt: {r['retries']['items_retried']}; quarantined now: {r['quarantined']}")
     if r["failures_by_type"]:
         lines.append("failures  " + ", ".join(f"{k} {v}" for k, v in r["failures_by_type"].items()))
         for f in r["failed_items"][:5]:
@@ -180,7 +208,8 @@ def render_report(r: dict[str, Any]) -> str:
     if r["slowest"]:
         lines.append("slowest   " + ", ".join(f"item {s['index']} {_secs(s['elapsed_s'])}" for s in r["slowest"][:5]))
     p = r["peak_rss"]
-    lines.append(f"peak RSS  {_mib(p['pool_bytes'])} (pool sample), {_mib(p['item_bytes'])} (worker at item end{'' if p['item_index'] is None else ', item ' + str(p['item_index'])})")
+    if p["bytes"]:
+        lines.append(f"peak worker RSS {human_bytes(p['bytes'])} (the most resident memory one worker held)")
     tl = r["timeline"]
     if tl["buckets"]:
         counts = [b["done"] + b["failed"] for b in tl["buckets"]]

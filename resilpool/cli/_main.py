@@ -6,12 +6,12 @@
   one poison task quarantined.  It ends with a summary whose last figure is the
   one that matters: lost = 0.
 - ``run MODULE:FUNCTION --input F --output F`` calls a function on every item of a
-  file, unattended, with a journal to resume after a crash (``resilpool._run``).
-- ``report JOURNAL`` summarizes a journal (``resilpool._report``).
+  file, unattended, with a journal to resume after a crash (``resilpool.cli._run``).
+- ``report JOURNAL`` summarizes a journal (``resilpool.cli._report``).
 
 On a terminal the commands draw a live view (rich, when installed:
 ``pip install 'resilpool[cli]'``); otherwise they print plain log lines
-(``resilpool._view``).  This module only parses arguments: a bad one is a
+(``resilpool.cli._view``).  This module only parses arguments: a bad one is a
 one-line error and exit status 2, never a traceback.
 """
 
@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import _demo
-from ._pool import ResilientPool
+from .._pool import ResilientPool
 from ._view import Tally, have_rich, make_view
-from .supervisor.limits import Limits
+from ..supervisor.limits import Limits
 
 __all__ = ["main"]
 
@@ -46,6 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="resilpool", description="A supervised, self-healing process pool.")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="show crash isolation, recycling, timeouts and retries in under a minute")
     demo.add_argument("--tasks", type=int, default=240, help="number of tasks (default 240)")
@@ -60,18 +61,30 @@ def _parser() -> argparse.ArgumentParser:
         " crash, kill or reboot runs only the items not done. See docs/cli.md.",
     )
     run.add_argument("target", metavar="MODULE:FUNCTION", help="the function to call with each item (MODULE may be path/to/file.py)")
-    run.add_argument("--input", "-i", required=True, metavar="FILE", help="items: .jsonl/.json (JSON lines or an array), .csv (rows as dicts), .txt (lines)")
-    run.add_argument("--output", "-o", metavar="FILE", help="results, one JSON line per item: {\"index\", \"input\", \"result\"}")
+    run.add_argument("--input", "-i", required=True, metavar="FILE", help="items: .jsonl/.json (JSON lines or an array), .csv (rows as dicts), .txt (lines); - or a pipe is read to its end first")
+    run.add_argument("--output", "-o", metavar="FILE", help="results, one JSON line per item: {\"index\", \"input\", \"result\"}; - for standard output")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output (and errors file) that no journal accounts for")
     run.add_argument("--format", choices=("jsonl", "json", "csv", "txt"), help="input format (default: from the extension)")
+    run.add_argument("--encoding", default="utf-8", metavar="CODEC", help="the input's text encoding (default utf-8; e.g. latin-1, cp1252, utf-16)")
     run.add_argument("--workers", "-w", type=int, metavar="N", help="worker processes (default: the CPUs available)")
     run.add_argument("--max-rss", metavar="SIZE", help="kill a worker above this memory (e.g. 2GiB); its item fails (or is retried)")
     run.add_argument("--soft-max-rss", metavar="SIZE", help="recycle a worker above this memory after its item")
     run.add_argument("--task-timeout", type=float, metavar="SECONDS", help="kill an item running longer than this")
     run.add_argument("--stall-timeout", type=float, metavar="SECONDS", help="kill an item whose worker used no CPU for this long")
     run.add_argument("--max-tasks", type=int, metavar="N", help="replace a worker after N items")
+    run.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="N",
+        help="items per task (default: sized from the items' measured time, about 20 ms of work, at most 256; always 1 with --retry, time limits, --max-tasks or --scheduler)",
+    )
     run.add_argument("--retry", type=int, default=0, metavar="N", help="run a failed item up to N more times (default 0)")
+    run.add_argument("--retry-wait", metavar="MIN:MAX", help="back off before each retry: MIN*2**(k-1) seconds before retry k, at most MAX, plus jitter (e.g. 1:60); or SECONDS")
+    run.add_argument("--halt", metavar="WHEN,fail=N", help="stop after N failed items (or P%%): soon,fail=N lets running items finish, now,fail=N kills them; GNU parallel's --halt")
+    run.add_argument("--skip-failed", action="store_true", help="on resume, do not retry the items that failed earlier (only pending and interrupted ones run)")
+    run.add_argument("--retry-quarantined", action="store_true", help="on resume, retry quarantined items too (they killed their worker every time; skipped by default)")
     run.add_argument("--journal", "-j", metavar="FILE", help="SQLite journal: rerunning with it resumes (default: none)")
-    run.add_argument("--errors", metavar="FILE", help="failed items, one JSON line each (default: OUTPUT with .errors before the extension)")
+    run.add_argument("--errors", metavar="FILE", help="failed items, one JSON line each (default: OUTPUT with .errors before the extension; standard error with -o -); - for standard error")
     run.add_argument("--report", metavar="FILE", help="write a JSON report of the journal at the end")
     run.add_argument(
         "--scheduler",
@@ -81,12 +94,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ordered", action="store_true", help="write results in input order (completed items wait for earlier ones)")
     run.add_argument("--dry-run", action="store_true", help="run the first item in a worker, print its result, write nothing")
     run.add_argument("--plain", action="store_true", help="plain log lines even on a terminal")
-    run.add_argument("--log-interval", type=float, default=10.0, metavar="SECONDS", help="seconds between plain progress lines (default 10)")
+    run.add_argument("--progress-interval", type=float, default=60.0, metavar="SECONDS", help="seconds between progress lines off a terminal (default 60)")
+    run.add_argument("--log-interval", type=float, dest="progress_interval", help=argparse.SUPPRESS)  # the old name
+    run.add_argument("--log-format", choices=("text", "json"), default="text", help="text lines, or one JSON object per line (time, level, event, fields) on standard error")
+    run.add_argument("--verbose", "-v", action="store_true", help="log at INFO (the pool's and Dask's), not only warnings")
+    run.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at http://ADDR:PORT/metrics while the run lasts (needs resilpool[metrics]; 0 picks a free port)")
+    run.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR", help="the address --metrics-port binds (default 127.0.0.1: this machine only)")
 
     report = sub.add_parser("report", help="summarize a run journal", description="Summarize a resilpool run journal.")
     report.add_argument("journal", metavar="JOURNAL", help="the --journal file of a run")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: looks the version up only when asked (importlib.metadata costs every run ~20 ms)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        print(f"resilpool {_version()}", flush=True)  # on standard output, as argparse's own action
+        parser.exit()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("resilpool")
+    except Exception:  # not installed (run from a checkout)
+        from .. import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,11 +165,22 @@ def _run_command(args: argparse.Namespace, argv: list[str]) -> int:
         journal=args.journal,
         errors=args.errors,
         report=args.report,
+        overwrite=args.overwrite,
         ordered=args.ordered,
+        encoding=args.encoding,
+        retry_wait=args.retry_wait,
+        halt=args.halt,
+        skip_failed=args.skip_failed,
+        retry_quarantined=args.retry_quarantined,
         scheduler=args.scheduler,
         dry_run=args.dry_run,
         plain=args.plain,
-        log_interval=args.log_interval,
+        progress_interval=args.progress_interval,
+        log_format=args.log_format,
+        verbose=args.verbose,
+        metrics_port=args.metrics_port,
+        chunk_size=args.chunk_size,
+        metrics_addr=args.metrics_addr,
         argv=["resilpool", *argv],
     )
     try:
@@ -223,6 +274,3 @@ def run_demo(n_tasks: int = 240, workers: int | None = None, *, plain: bool = Fa
     print(f"  lost:      {lost}")
     return 0 if lost == 0 else 1
 
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
