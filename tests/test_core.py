@@ -701,3 +701,51 @@ def test_results_failing_to_unpickle_do_not_pin_their_workers_pipes() -> None:
     assert len(causes) == 30 and all(c is not None and c.__traceback__ is None for c in causes)
     assert all(isinstance(c.__cause__, cf.process._RemoteTraceback) and "_raise_on_load" in str(c.__cause__) for c in causes if c)
     assert extra <= 4, f"{extra} more fds open after shutdown while 30 failed futures are held"
+
+
+# --- fd hygiene: a worker holds no end of the pipes between the parent and another worker ----
+
+
+def _pipe_ends(pid: int) -> set[tuple[int, int]]:
+    """``(pipe inode, access mode)`` of every pipe end process ``pid`` holds (0 read, 1 write)."""
+    ends = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if not target.startswith("pipe:["):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                flags = next(int(line.split()[1], 8) for line in f if line.startswith("flags:"))
+        except (OSError, StopIteration):  # closed meanwhile
+            continue
+        ends.add((int(target[len("pipe:[") : -1]), flags & 3))
+    return ends
+
+
+def _crossed_pipes(pids: list[int]) -> list[tuple[int, int, int]]:
+    """``(pid, other pid, inode)`` for each pipe of which two workers hold opposite ends.
+
+    Workers never talk to each other: a pipe they share is one they all read (the
+    lifeline) or all write (inherited stdout/stderr). One held at both ends by two
+    workers is a parent-side end one of them inherited: the task pipe's write end or the
+    result pipe's read end of the other.
+    """
+    ends = {pid: _pipe_ends(pid) for pid in pids}
+    return [(a, b, ino) for a in pids for b in pids if a != b for ino, mode in ends[a] if (ino, 1 - mode) in ends[b]]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_no_worker_holds_the_parent_side_of_another_workers_pipes(make_pool, start_method: str) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(3, mp_context=start_method)
+    assert pool.submit(workload.inc, 1).result(timeout=RESULT_TIMEOUT) == 2
+    pids = wait_until(lambda: [w.pid for w in pool.workers()] if len(pool.workers()) == 3 and all(w.ready for w in pool.workers()) else None, RESULT_TIMEOUT, "3 ready workers")
+    assert _crossed_pipes(pids) == []
+    # A replacement is started beside the live workers (from the manager thread, with fork).
+    os.kill(pids[0], signal.SIGKILL)
+    new = wait_until(
+        lambda: [w.pid for w in pool.workers()] if len(pool.workers()) == 3 and pids[0] not in {w.pid for w in pool.workers()} and all(w.ready for w in pool.workers()) else None,
+        RESULT_TIMEOUT,
+        "the replacement, ready",
+    )
+    assert _crossed_pipes(new) == []
+    assert pool.submit(workload.inc, 2).result(timeout=RESULT_TIMEOUT) == 3

@@ -157,6 +157,20 @@ class WorkerView:
     retiring: bool
 
 
+
+def _fork_popen_fds(process: Any) -> tuple[int, ...]:
+    """The fds a fork ``Popen`` keeps for its child: the sentinel, and the write end whose
+    EOF tells the child that its parent died. A worker forked later must not hold them.
+
+    Read from the arguments of the Popen's finalizer, which closes exactly these
+    (``multiprocessing/popen_fork.py``, the same from 3.8 to 3.13); () if that changes.
+    """
+    args = getattr(getattr(getattr(process, "_popen", None), "finalizer", None), "_args", None)
+    if isinstance(args, tuple) and all(isinstance(fd, int) for fd in args):
+        return args
+    return ()
+
+
 class _Worker:
     """Parent-side state of one worker process. Owned by the manager thread.
 
@@ -445,8 +459,21 @@ class Core(CoreInbox):
         task_r, task_w = self._ctx.Pipe(duplex=False)
         result_r, result_w = self._ctx.Pipe(duplex=False)
         close_fds: tuple[int, ...] = ()
-        if self._start_method == "fork":  # a forked child inherits the parent's ends: drop them
-            close_fds = (self._lifeline_w.fileno(), task_w.fileno(), result_r.fileno())
+        if self._start_method == "fork":
+            # A forked child inherits every fd of this process: it drops all of this core's
+            # but its own ends and the lifeline's read end (every live worker's are open: a
+            # worker leaves _workers as its connections close, on this thread). Kept, the
+            # parent's ends of the other workers' pipes would grow each worker's fd table with
+            # the pool and keep those pipes open after the parent closed its copies.
+            close_fds = (
+                self._lifeline_w.fileno(),
+                task_w.fileno(),
+                result_r.fileno(),
+                self._wake_r,
+                self._wake_w,
+                self._selector.fileno(),
+                *(fd for o in self._workers.values() for fd in (o.task_fd, o.result_fd, *_fork_popen_fds(o.process))),
+            )
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_module.main,
             args=(task_r, result_w, self._lifeline_r, self._slot_table, slot, cfg.initializer, cfg.initargs, close_fds, cfg.soft_max_rss, self._reaper.pid),
