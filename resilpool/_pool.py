@@ -801,8 +801,9 @@ def _map_results(state: _MapState) -> Iterator[Any]:
             if chunked:
                 chunk = state.next_result()
                 chunk.reverse()
-                while chunk:
-                    yield chunk.pop()
+                # Each item is popped as it is yielded, by a C iterator: the per-item step
+                # is the generator's own resume, no bytecode of a loop of ours.
+                yield from map(chunk.pop, itertools.repeat(-1, len(chunk)))
             else:
                 yield state.next_result()
     finally:
