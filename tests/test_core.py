@@ -617,7 +617,8 @@ def test_a_worker_stopped_between_tasks_is_replaced_and_its_queue_runs_elsewhere
     # the next tasks: they wait in its pipe, never started.
     ran, go = tmp_path / "ran", tmp_path / "go"
     blocker = pool.submit(workload.count_and_spin, str(ran), str(go))  # busy: no stall
-    wait_until(ran.exists, T, "the blocker to start")
+    # The task creates the file, then writes its pid and a newline: wait for the line.
+    wait_until(lambda: ran.exists() and ran.read_text().endswith("\n"), T, "the blocker to start")
     busy = int(ran.read_text())
     victim = next(w.pid for w in pool.workers() if w.pid != busy)
     os.kill(victim, signal.SIGSTOP)
