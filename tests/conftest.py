@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
-from waits import wait_until  # noqa: F401 - re-exported: tests import it from here
+from waits import wait_for_line, wait_until  # noqa: F401 - re-exported: tests import them from here
 
 from resilpool import ResilientPool
 

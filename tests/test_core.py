@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import workload
-from conftest import RESULT_TIMEOUT, wait_until
+from conftest import RESULT_TIMEOUT, wait_for_line, wait_until
 
 import resilpool
 from resilpool import CrashLoopError, ResilientPool, SerializationError, WorkerCrashedError
@@ -617,8 +617,7 @@ def test_a_worker_stopped_between_tasks_is_replaced_and_its_queue_runs_elsewhere
     # the next tasks: they wait in its pipe, never started.
     ran, go = tmp_path / "ran", tmp_path / "go"
     blocker = pool.submit(workload.count_and_spin, str(ran), str(go))  # busy: no stall
-    # The task creates the file, then writes its pid and a newline: wait for the line.
-    wait_until(lambda: ran.exists() and ran.read_text().endswith("\n"), T, "the blocker to start")
+    wait_for_line(ran, T, "the blocker to start")
     busy = int(ran.read_text())
     victim = next(w.pid for w in pool.workers() if w.pid != busy)
     os.kill(victim, signal.SIGSTOP)

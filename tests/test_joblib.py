@@ -33,7 +33,7 @@ import joblib
 import psutil
 import pytest
 import workload
-from conftest import RESULT_TIMEOUT, wait_until
+from conftest import RESULT_TIMEOUT, wait_for_line
 from joblib import Parallel, delayed, parallel_config
 
 import resilpool.joblib
@@ -114,7 +114,7 @@ def test_closing_a_generator_early_kills_the_batches_still_running(tmp_path: Pat
             [delayed(workload.identity)(0), delayed(workload.count_and_wait)(str(runs), str(release))]
         )
         assert next(gen) == 0
-        wait_until(runs.exists, what="the blocking batch to start")
+        wait_for_line(runs, what="the blocking batch to start")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # joblib warns that work was cancelled
             gen.close()
@@ -195,7 +195,7 @@ def test_a_retry_never_queues_behind_a_running_batch_while_a_worker_is_idle(tmp_
     # Tiny tasks first: the pool learns that tasks are short and starts to pipeline them.
     assert list(pool.map(workload.inc, range(200), timeout=RESULT_TIMEOUT)) == list(range(1, 201))
     blocking = pool.submit(workload.count_and_wait, str(runs), str(release), 120.0)
-    wait_until(runs.exists, what="the blocking task to start")
+    wait_for_line(runs, what="the blocking task to start")
     failing = pool.submit(workload.raise_when_file, str(runs), "boom")  # fails at once, twice
     with pytest.raises(ValueError, match="boom"):
         failing.result(timeout=RESULT_TIMEOUT)  # behind the blocking task, it would wait 120 s

@@ -22,3 +22,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
             faulthandler.dump_traceback(all_threads=True)
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+def wait_for_line(path: Any, timeout: float = 10.0, what: str = "a line") -> None:
+    """Wait until the file ``path`` holds a complete line.
+
+    A task that records its run with ``open(path, "a")`` creates the file before it writes
+    the line: the file's existence alone does not say the line is there.
+    """
+    wait_until(lambda: path.exists() and path.read_text().endswith("\n"), timeout, what)

@@ -52,7 +52,8 @@ timing and cannot be replayed exactly (its choice among the candidates is drawn 
 - ``kill_idle``: SIGKILL a worker that runs no task (tasks may be queued to it).
 - ``stop``: SIGSTOP a worker mid-task (needs ``stall_timeout`` or ``task_timeout``).
 - ``break_core``: break the executor core (the rebuild path); at most
-  :data:`MAX_CORE_BREAKS_PER_MINUTE` per minute, below the pool's own rebuild limit.
+  :data:`MAX_CORE_BREAKS_PER_MINUTE` per minute, below the pool's own rebuild limit,
+  and never while the previous break's rebuild is under way (it would break the same core).
 - ``stop_idle``: SIGSTOP a worker that runs no task (tasks may be queued to it); never
   resumed by the injector (until it detaches).
 - ``stop_resume``: SIGSTOP a worker mid-task and SIGCONT it after a random delay (from
@@ -429,6 +430,7 @@ class FaultInjector:
         self._markers: dict[int, str] = {}  # fault seq -> marker path (task faults)
         self._due: collections.deque[Fault] = collections.deque()  # process faults to fire, in order
         self._core_breaks: collections.deque[float] = collections.deque()
+        self._rebuild_due: int | None = None  # pool.stats().rebuilds once the last break's rebuild is done
         self._dir: str | None = None
         self._prev_wrapper: Any = None
         self._thread: threading.Thread | None = None
@@ -744,9 +746,16 @@ class FaultInjector:
             if len(breaks) >= MAX_CORE_BREAKS_PER_MINUTE:
                 fault.detail = f"skipped: {MAX_CORE_BREAKS_PER_MINUTE} core breaks in the last minute already"
                 return False
-            if self.pool.stats().broken:
+            stats = self.pool.stats()
+            if stats.broken:
+                return False
+            if self._rebuild_due is not None and stats.rebuilds < self._rebuild_due:
+                # A second break would land on the core that is failing already (the pool's
+                # current core until the new one takes over): one rebuild for two breaks.
+                fault.detail = "skipped: the previous core break's rebuild is under way"
                 return False
             breaks.append(now)
+            self._rebuild_due = stats.rebuilds + 1
             self.pool.break_core_for_test()
             fault.at_s = now - self._t0
             return True
