@@ -619,7 +619,9 @@ def test_a_worker_stopped_between_tasks_is_replaced_and_its_queue_runs_elsewhere
     blocker = pool.submit(workload.count_and_spin, str(ran), str(go))  # busy: no stall
     wait_for_line(ran, T, "the blocker to start")
     busy = int(ran.read_text())
-    victim = next(w.pid for w in pool.workers() if w.pid != busy)
+    # An idle, ready worker: under load a worker starved for stall_timeout with tasks queued
+    # is replaced (by design), and its replacement may still be starting here.
+    victim = wait_until(lambda: next((w.pid for w in pool.workers() if w.pid != busy and w.ready and not w.retiring), None), T, "an idle ready worker")
     os.kill(victim, signal.SIGSTOP)
     futs = [pool.submit(workload.inc, i) for i in range(500)]
     wait_until(lambda: any(e.pid == victim and e.reason is ExitReason.STALL for e in events), T, "the stopped worker to be replaced")
