@@ -1156,6 +1156,10 @@ class _Runner:
             self.ready[idx] = (line, row, gen)
             self._write_ready()
             return
+        self._record(line, row)
+
+    def _record(self, line: bytes, row: tuple[Any, ...]) -> None:
+        """Write a finished item's output line and journal its row (5 fields: a plain done)."""
         self.out.write(line)
         if len(row) == 5:
             self.add_done(row)
@@ -1239,12 +1243,7 @@ class _Runner:
             entry = ready.pop(order.popleft())
             if entry is not None:
                 line, row, _ = entry
-                self.out.write(line)
-                if len(row) == 5:
-                    self.add_done(row)
-                else:
-                    self.add_resolved(row)
-                self.done_run += 1
+                self._record(line, row)
 
     # --- messages: events and signals ----------------------------------------------------
 
