@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Final, TypeVar, final
 
@@ -104,6 +104,12 @@ class _PoolCollector:
             c.add_metric([], value)
             return c
 
+        def counter_by(name: str, doc: str, label: str, values: Iterable[tuple[str, float]]) -> Any:
+            c = CounterMetricFamily(f"{ns}_{name}", doc, labels=[label])
+            for key, value in values:
+                c.add_metric([key], value)
+            return c
+
         def gauge(name: str, doc: str, value: float) -> Any:
             g = GaugeMetricFamily(f"{ns}_{name}", doc)
             g.add_metric([], value)
@@ -113,25 +119,14 @@ class _PoolCollector:
         yield counter("tasks_succeeded", "Tasks resolved with a result", s.completed)
         yield counter("tasks_failed", "Tasks resolved with an exception (every error type)", s.failed)
         yield counter("tasks_cancelled", "Tasks cancelled before they started", s.cancelled)
-        errs = CounterMetricFamily(f"{ns}_task_errors", "Tasks that failed, by the qualified name of the error's type", labels=["error"])
-        for name, n in s.errors.items():
-            errs.add_metric([name], n)
-        yield errs
+        yield counter_by("task_errors", "Tasks that failed, by the qualified name of the error's type", "error", s.errors.items())
         yield counter("task_retries", "Failed attempts scheduled again", s.retried)
-        retried = CounterMetricFamily(
-            f"{ns}_retried_attempts_by_error", "Failed attempts scheduled again, by the qualified name of the error's type", labels=["error"]
-        )
-        for name, n in s.retried_errors.items():
-            retried.add_metric([name], n)
-        yield retried
+        yield counter_by("retried_attempts_by_error", "Failed attempts scheduled again, by the qualified name of the error's type", "error", s.retried_errors.items())
         yield counter("tasks_quarantined", "Tasks failed with PoisonTaskError", s.quarantined)
         yield counter("workers_started", "Worker processes ever started", s.workers_started)
         yield counter("worker_crashes", "Workers that died by themselves or at start-up", s.worker_crashes)
         yield counter("core_rebuilds", "Times the executor core was replaced", s.rebuilds)
-        exits = CounterMetricFamily(f"{ns}_worker_exits", "Workers that left the pool, by reason", labels=["reason"])
-        for reason in ExitReason:
-            exits.add_metric([reason.value], s.recycled.get(reason.value, 0))
-        yield exits
+        yield counter_by("worker_exits", "Workers that left the pool, by reason", "reason", ((r.value, s.recycled.get(r.value, 0)) for r in ExitReason))
         busy = sum(1 for w in workers if w.task_id is not None)
         yield gauge("workers", "Live, ready workers", s.workers)
         yield gauge("workers_max", "The pool's size (max_workers)", s.max_workers)
