@@ -30,7 +30,7 @@ pytestmark = pytest.mark.resilpool_core_errors
 
 settings.register_profile("default-tasks", max_examples=60, stateful_step_count=40, deadline=None, database=None)
 settings.register_profile(
-    "ci", max_examples=600, stateful_step_count=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci", max_examples=2000, stateful_step_count=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default-tasks")
 
