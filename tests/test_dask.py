@@ -1016,16 +1016,81 @@ def test_cancel_asks_a_worker_that_died_mid_question_its_start_log(log_of_the_de
     assert recorded == set(cancelled)  # the cancelled keys' records refuse any later claim
 
 
+def test_cancel_waits_for_the_start_log_of_keys_placed_on_a_worker_that_left() -> None:
+    """A key placed on a worker that has just left is in doubt until that worker's nanny has
+    read its start log. cancel() waits for the log, then cancels what it says never started
+    there. Found by the Dask chaos suite (seed 1670075336): a cancel during a core rebuild
+    counted a key in doubt as started, and its task was failed though it never ran."""
+    from types import SimpleNamespace
+
+    from resilpool._core.dask import scheduler as ledger_module
+
+    async def scenario() -> tuple[list[str], dict[str, int]]:
+        ledger = ledger_module.AttemptLedger()
+        ledger.scheduler = SimpleNamespace(workers={"alive": object()}, tasks={})
+        for key in ("k1", "k2"):  # what transition() records for the keys of a worker being removed
+            rec = ledger.records[key] = ledger_module._Rec("owner", ledger_module._DOUBT, None, 7, 0)
+            rec.address = "dead"
+        ledger.doubts["dead"] = ["k1", "k2"]
+        ledger.resolved["dead"] = asyncio.Event()
+
+        async def run_on(address: str, fn: Any, *args: Any) -> Any:
+            if address == "nanny":  # read_start_log: the dead worker started k1 only
+                return {"k1": 3}
+            return list(args[0]), {}  # cancel_unstarted on the live worker: it started none
+
+        ledger._run_on = run_on  # type: ignore[method-assign]
+        reading = ledger._read_log("dead", 7, "nanny", 3, ["k1", "k2"], {}, None)
+        asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(reading))
+        out = await asyncio.wait_for(ledger.cancel(["k1", "k2", "k3"], "owner"), T)
+        return out, {k: r.state for k, r in ledger.records.items()}
+
+    out, states = asyncio.run(scenario())
+    assert sorted(out) == ["k2", "k3"]  # k2 never started on the worker that left
+    assert states == {"k1": ledger_module._DONE, "k2": ledger_module._CANCELLED, "k3": ledger_module._CANCELLED}
+
+
+def test_cancel_hears_a_worker_that_dies_mid_question_through_its_start_log() -> None:
+    """Asking a worker that was just killed can hang for the connection's whole timeout (a
+    connection to it is retried). Its start log answers as soon as its nanny has read it.
+    Found by the Dask chaos suite (seed 1670075336): the question outlasted the client's
+    timeout, and every in-flight task of a rebuilt core was failed as started."""
+    from types import SimpleNamespace
+
+    from resilpool._core.dask.scheduler import AttemptLedger
+
+    async def scenario() -> list[str]:
+        ledger = AttemptLedger()
+        ledger.scheduler = SimpleNamespace(workers={"alive": object(), "dead": object()}, tasks={})
+
+        async def run_on(address: str, fn: Any, keys: list[str]) -> Any:
+            if address == "dead":
+                await asyncio.Event().wait()  # never answers: cancel() must not wait for it
+            return list(keys), {}
+
+        ledger._run_on = run_on  # type: ignore[method-assign]
+
+        def removed() -> None:
+            del ledger.scheduler.workers["dead"]
+            ledger._log_read("dead", {"k1": 2})
+
+        asyncio.get_running_loop().call_later(0.05, removed)
+        return await asyncio.wait_for(ledger.cancel(["k1", "k2"], "owner"), T)
+
+    assert asyncio.run(scenario()) == ["k2"]
+
+
 def test_cancel_counts_every_key_started_when_a_silent_worker_stays(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker that cannot answer and does not leave (a stuck event loop) has no final start
-    log: nothing is cancelled, and the ledger keeps nothing for it."""
+    log: nothing is cancelled. The ledger waits for that worker's log only while the worker
+    is in the cluster, and forgets it ``DEPARTED_KEEP_S`` after the worker left."""
     from types import SimpleNamespace
 
     from resilpool._core.dask import scheduler as ledger_module
 
     monkeypatch.setattr(ledger_module, "RPC_TIMEOUT_S", 0.1)
 
-    async def scenario() -> tuple[list[str], dict[str, Any]]:
+    async def scenario() -> tuple[list[str], bool, bool, bool]:
         ledger = ledger_module.AttemptLedger()
         ledger.scheduler = SimpleNamespace(workers={"stuck": object()}, tasks={})
 
@@ -1034,10 +1099,17 @@ def test_cancel_counts_every_key_started_when_a_silent_worker_stays(monkeypatch:
 
         ledger._run_on = run_on  # type: ignore[method-assign]
         out = await asyncio.wait_for(ledger.cancel(["k1", "k2"], "owner"), T)
-        return out, dict(ledger.start_logs)
+        waiting = not ledger.start_logs["stuck"].done()
+        del ledger.scheduler.workers["stuck"]  # it leaves at last: remove_worker's steps
+        ledger.departed["stuck"] = (None, time.monotonic() - ledger_module.DEPARTED_KEEP_S - 1)
+        ledger._log_read("stuck", None)
+        resolved = ledger.start_logs["stuck"].done()
+        ledger.status("owner")  # drops what it keeps of workers that left long ago
+        return out, waiting, resolved, "stuck" in ledger.start_logs
 
-    out, logs = asyncio.run(scenario())
-    assert out == [] and logs == {}
+    out, waiting, resolved, kept = asyncio.run(scenario())
+    assert out == []
+    assert waiting and resolved and not kept
 
 
 @pytest.mark.resilpool_core_errors  # the handler's failure is logged at ERROR, on purpose

@@ -59,6 +59,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "CANCEL_BUDGET_S",
     "CLAIM_OP",
     "LEDGER_NAME",
     "PROGRESS_FIELDS",
@@ -74,6 +75,9 @@ __all__ = [
 LEDGER_NAME: Final = "resilpool-ledger"  #: the scheduler plugin's name
 TOPIC_PREFIX: Final = "resilpool-"  #: + client id: the topic of the ledger's worker events
 RPC_TIMEOUT_S: Final = 10.0  #: every request between the sides waits at most this long
+#: The ledger's ``resilpool_cancel`` answers within this (it asks every worker, and reads the
+#: start logs of those that die meanwhile); its callers wait it plus ``RPC_TIMEOUT_S``.
+CANCEL_BUDGET_S: Final = RPC_TIMEOUT_S
 PUSH_OP: Final = "resilpool-outcome"  #: worker -> scheduler stream message: an attempt's outcome, pushed ahead
 PUSH_MAX_BYTES: Final = 64 * 1024  #: outcomes up to this size are pushed; larger ones are fetched as Dask results
 CLAIM_OP: Final = "resilpool-started"  #: worker -> scheduler stream message: an attempt started (not waited for)

@@ -75,7 +75,7 @@ from ..decode import DecodeJob, Decoder, loads_plain, settle_decoded
 from ..executor import CoreConfig, WorkerView
 from ..inbox import CoreInbox
 from ..tasks import Task, TaskBook, WorkerCounters, copy_error, outcome, resolve
-from . import LEDGER_NAME, PROGRESS_MAX_FUNCTIONS, PROGRESS_OTHER, RPC_TIMEOUT_S, TOPIC_PREFIX
+from . import CANCEL_BUDGET_S, LEDGER_NAME, PROGRESS_MAX_FUNCTIONS, PROGRESS_OTHER, RPC_TIMEOUT_S, TOPIC_PREFIX
 from .scheduler import AttemptLedger
 from .worker import AttemptRefused, ClaimFailed, InitializerFailed, run_attempt
 
@@ -902,7 +902,8 @@ class DaskCore(CoreInbox):
             self._doomed.pop(key, None)  # it ended before the kill: nothing was killed for it
 
     async def _rpc(self, op: str, **kwargs: Any) -> Any:
-        return await asyncio.wait_for(getattr(self._client.scheduler, op)(**kwargs), RPC_TIMEOUT_S)
+        timeout = RPC_TIMEOUT_S + (CANCEL_BUDGET_S if op == "resilpool_cancel" else 0.0)
+        return await asyncio.wait_for(getattr(self._client.scheduler, op)(**kwargs), timeout)
 
     def _publish_views(self) -> None:
         self._views = tuple(

@@ -23,7 +23,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
 
 from ...events import ExitReason
-from . import CLAIM_OP, LEDGER_NAME, PROGRESS_FIELDS, PROGRESS_MAX_FUNCTIONS, PUSH_OP, RPC_TIMEOUT_S, SYNC_ANNOTATION, TOPIC_PREFIX
+from . import CANCEL_BUDGET_S, CLAIM_OP, LEDGER_NAME, PROGRESS_FIELDS, PROGRESS_MAX_FUNCTIONS, PUSH_OP, RPC_TIMEOUT_S, SYNC_ANNOTATION, TOPIC_PREFIX
 from .worker import cancel_unstarted, kill_worker_process, read_start_log, started_here
 
 __all__ = ["AttemptLedger"]
@@ -187,15 +187,8 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
     # --- handlers ---
 
     async def claim(self, key: str, owner: str, worker: str, pid: int, before: int = 0) -> dict[str, Any]:
+        await self._doubts_settled([key])  # still in doubt after that: refused below (it may have started)
         rec = self.records.get(key)
-        if rec is not None and rec.state == _DOUBT and rec.address is not None:
-            done = self.resolved.get(rec.address)
-            if done is not None:
-                try:
-                    await asyncio.wait_for(done.wait(), RPC_TIMEOUT_S)
-                except TimeoutError:
-                    pass  # still in doubt: refused below (it may have started)
-            rec = self.records.get(key)
         if rec is not None:
             if rec.state == _CANCELLED:
                 return {"op": "cancelled"}
@@ -259,10 +252,20 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
         A key is cancelled only if every worker answered that it had not; a worker that
         cannot answer because it died answers through its start log, read once it is
         removed (waited for up to ``RPC_TIMEOUT_S``).
+
+        Answers within ``CANCEL_BUDGET_S``; a key still undecided then is not cancelled
+        (it may have started).  Callers wait longer than that, so that they get the keys
+        decided rather than a timeout that counts every key as started.
         """
         out: list[str] = []
+        deadline = time.monotonic() + CANCEL_BUDGET_S
         for _ in range(_CANCEL_ROUNDS):
-            cancelled, keys = await self._cancel_round(keys, owner)
+            try:
+                cancelled, keys = await asyncio.wait_for(self._cancel_round(keys, owner), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                # A round decides nothing before its last await: what it had not decided counts as started.
+                log.warning("resilpool ledger: cancel() ran out of its %.0f s; %d key(s) undecided count as started", CANCEL_BUDGET_S, len(keys))
+                break
             out += cancelled
             if not keys:
                 break
@@ -270,8 +273,23 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
             # again, that worker included, rather than count them as started.
         return out
 
+    async def _doubts_settled(self, keys: list[str]) -> None:
+        """Wait, up to ``RPC_TIMEOUT_S``, until none of ``keys`` is ``_DOUBT``: the start log
+        of the worker each was placed on says whether it started there (its record becomes
+        ``_DONE``) or not (its record is dropped)."""
+        pending = {self.resolved[a] for k in keys if (r := self.records.get(k)) is not None and r.state == _DOUBT and (a := r.address) in self.resolved}
+        if pending:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in pending)), RPC_TIMEOUT_S)
+            except TimeoutError:
+                pass  # the caller counts a key still in doubt as started
+
     async def _cancel_round(self, keys: list[str], owner: str) -> tuple[list[str], list[str]]:
         """One round of :meth:`cancel`: ``(cancelled, to ask again)``."""
+        # A key placed on a worker that has just left is in doubt until that worker's start
+        # log is read: settle it first, or a key that never started would count as started
+        # (found by the Dask chaos suite, seed 1670075336: a rebuild failed a task that never ran).
+        await self._doubts_settled(keys)
         out = []
         unknown = []
         again: list[str] = []
@@ -284,15 +302,15 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
         if not unknown:
             return out, again
         workers = list(self.scheduler.workers)
-        answers = await asyncio.gather(*(self._run_on(w, cancel_unstarted, unknown) for w in workers), return_exceptions=True)
+        answers = await asyncio.gather(*(self._ask(w, unknown) for w in workers), return_exceptions=True)
         maybe_started: set[str] = set()
         silent = [(w, a) for w, a in zip(workers, answers) if isinstance(a, BaseException)]
         # A worker that cannot answer has usually just died: then its start log, read by its
         # nanny once the scheduler removes it, says exactly which keys it started.
         logs = await asyncio.gather(*(self._start_log_of(w) for w, _ in silent))
-        for (worker, answer), started_there in zip(silent, logs):
+        for (worker, error), started_there in zip(silent, logs):
             if started_there is None:
-                log.warning("resilpool ledger: could not ask %s which keys it started (%r), nor read its start log: none is cancelled", worker, answer)
+                log.warning("resilpool ledger: could not ask %s which keys it started (%r), nor read its start log: none is cancelled", worker, error)
                 maybe_started.update(unknown)  # it may have started any of them
             else:
                 log.info("resilpool ledger: %s left before it could say which keys it started; its start log says", worker)
@@ -307,6 +325,10 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
                     self._start(key, owner, worker, self.pids.get(worker) or 0, before)  # ahead of its message
         asked = set(workers)
         for key in unknown:
+            rec = self.records.get(key)
+            if rec is not None and rec.state == _DOUBT:
+                again.append(key)  # its worker left while we asked: settled next round
+                continue
             ws = getattr(self.scheduler.tasks.get(key), "processing_on", None)
             if ws is not None and ws.address not in asked:
                 if key not in maybe_started and key not in self.records:
@@ -317,24 +339,42 @@ class AttemptLedger(SchedulerPlugin):  # type: ignore[misc,unused-ignore]  # unt
                 out.append(key)
         return out, again
 
+    async def _ask(self, worker: str, keys: list[str]) -> tuple[list[str], dict[str, int]]:
+        """:func:`~.worker.cancel_unstarted` of ``keys`` on ``worker``: its answer.  Raises if
+        it cannot answer, at once if it leaves meanwhile: asking a worker that was just
+        killed can otherwise take the whole timeout (a connection to it is retried), and
+        its start log will answer for it (:meth:`_start_log_of`)."""
+        ask = asyncio.ensure_future(self._run_on(worker, cancel_unstarted, keys))
+        left = self._start_log_future(worker)
+        try:
+            await asyncio.wait((ask, left), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not ask.done():
+                ask.cancel()
+        if ask.cancelled():
+            raise ConnectionError(f"{worker} left the cluster before it answered")
+        answer: tuple[list[str], dict[str, int]] = ask.result()
+        return answer
+
     async def _start_log_of(self, worker: str) -> dict[str, int] | None:
         """The start log of ``worker`` once it has left and its nanny has read it; None if it
         does not leave within ``RPC_TIMEOUT_S`` or its log could not be read."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._start_log_future(worker)), RPC_TIMEOUT_S)
+        except TimeoutError:
+            return None
+
+    def _start_log_future(self, worker: str) -> asyncio.Future[dict[str, int] | None]:
+        """Resolved with the start log of ``worker`` once it has left (:meth:`_log_read`).
+        Kept while the worker is in the cluster, and ``DEPARTED_KEEP_S`` after it left."""
         fut = self.start_logs.get(worker)
         if fut is None:
             fut = self.start_logs[worker] = asyncio.get_running_loop().create_future()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), RPC_TIMEOUT_S)
-        except TimeoutError:
-            if not fut.done() and worker in self.scheduler.workers:
-                self.start_logs.pop(worker, None)  # it stayed: nothing to keep for it
-            return None
+        return fut
 
     def _log_read(self, worker: str, log_: dict[str, int] | None) -> None:
         """Keep what the start log of ``worker``, which left, says (None: unreadable)."""
-        fut = self.start_logs.get(worker)
-        if fut is None:
-            fut = self.start_logs[worker] = asyncio.get_running_loop().create_future()
+        fut = self._start_log_future(worker)
         if not fut.done():
             fut.set_result(log_)
 
