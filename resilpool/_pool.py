@@ -29,10 +29,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeout
-from typing import Any, ParamSpec, TypeVar, final, overload
+from typing import Any, Final, ParamSpec, TypeVar, cast, final, overload
 
 from . import errors
 from ._core import executor as _exec
@@ -714,6 +714,7 @@ class _MapState:
         self.task_timeout = task_timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.futures: deque[Future[Any]] = deque()
+        self.current: list[Any] | None = None  # the chunk being yielded (chunksize > 1)
         self.window = max(_MAP_WINDOW_CHUNKS_PER_WORKER, _MAP_WINDOW_ITEMS_PER_WORKER // chunksize) * pool.max_workers
 
     def fill(self) -> None:
@@ -781,14 +782,13 @@ class _MapState:
 
 
 def _map_results(state: _MapState) -> Iterator[Any]:
-    """Yield a lazy map's results in order; closing or dropping it cancels what has not started.
+    """Yield a lazy map's results in order (chunksize 1); closing or dropping it cancels what
+    has not started.
 
     No local of this frame holds a result while it is suspended (CPython issue 14406): a
-    result the consumer drops is freed, and a chunk's list lets go of each item as it is
-    yielded (the stdlib's ``_chain_from_iterable_of_lists`` does the same).
+    result the consumer drops is freed.
     """
     futures = state.futures
-    chunked = state.chunksize > 1
     try:
         # _start_map primes the generator to here, inside the try, so that close() or
         # dropping it before the first next() runs the finally too (issue 13, item 4).
@@ -798,16 +798,58 @@ def _map_results(state: _MapState) -> Iterator[Any]:
                 state.fill()
                 if not futures:
                     return
-            if chunked:
-                chunk = state.next_result()
-                chunk.reverse()
-                # Each item is popped as it is yielded, by a C iterator: the per-item step
-                # is the generator's own resume, no bytecode of a loop of ours.
-                yield from map(chunk.pop, itertools.repeat(-1, len(chunk)))
-            else:
-                yield state.next_result()
+            yield state.next_result()
     finally:
         state.close()
+
+
+_CHUNK_END: Final = object()  # the bottom of a chunk being yielded: see _map_chunks
+
+
+def _map_chunks(state: _MapState) -> Iterator[Iterator[Any]]:
+    """A chunked map's results, one iterator per chunk, in order, for :class:`_ChunkedMap`.
+
+    Each chunk's list is reversed over a :data:`_CHUNK_END` and popped as its items are
+    yielded, by C iterators: an item the consumer drops is freed (CPython issue 14406, as
+    the stdlib's ``_chain_from_iterable_of_lists``), and the per-item step runs no bytecode.
+    """
+    futures = state.futures
+    try:
+        yield iter(())  # the priming step (_start_map): from here on the finally runs
+        while True:
+            if not futures:
+                state.fill()
+                if not futures:
+                    return
+            chunk = state.next_result()
+            chunk.append(_CHUNK_END)
+            chunk.reverse()
+            state.current = chunk
+            yield iter(chunk.pop, _CHUNK_END)
+    finally:
+        state.close()
+
+
+class _ChunkedMap(itertools.chain):  # type: ignore[type-arg]
+    """The iterator ``map(..., chunksize>1)`` returns: the items of each chunk's results,
+    in order.
+
+    An ``itertools.chain`` over :func:`_map_chunks`, so that the per-item ``next()`` is
+    C code only (at chunksize 1000 the consumer's thread spent as long in a generator's
+    per-item resume as in its own loop). ``close()``, or dropping it, cancels what has
+    not started, as closing the generator a chunksize-1 map returns does.
+    """
+
+    __slots__ = ("_chunks", "_state")
+    _chunks: Generator[Iterator[Any], None, None]
+    _state: _MapState
+
+    def close(self) -> None:
+        """Stop: no more items; the inputs not handed to a worker are cancelled."""
+        current = self._state.current
+        if current is not None:
+            del current[1:]  # the chunk being yielded ends at its next item
+        self._chunks.close()
 
 
 def _start_map(pool: ResilientPool, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], timeout: float | None, chunksize: int, policy: RetryPolicy | None, task_timeout: float | None) -> Iterator[Any]:
@@ -817,9 +859,15 @@ def _start_map(pool: ResilientPool, fn: Callable[..., Any], iterables: tuple[Ite
     except BaseException:
         state.close()  # submit refused part way (shut down, broken): cancel what went in
         raise
-    results = _map_results(state)
-    next(results)  # the priming step: see _map_results
-    return results
+    if chunksize == 1:
+        results = _map_results(state)
+        next(results)  # the priming step: see _map_results
+        return results
+    chunks = _map_chunks(state)
+    next(chunks)  # the priming step: see _map_chunks
+    it = cast(_ChunkedMap, _ChunkedMap.from_iterable(chunks))  # from_iterable makes the subclass
+    it._chunks, it._state = chunks, state
+    return it
 
 
 def _core_counts(core: Any) -> CoreCounts:

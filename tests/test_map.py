@@ -82,3 +82,22 @@ def test_map_at_chunksize_1000_reads_a_bounded_window_ahead(make_pool: Callable[
     assert list(itertools.islice(it, 3 * CHUNK)) == list(range(1, 3 * CHUNK + 1))
     assert next(read) <= 8 * 2 * CHUNK
     it.close()
+
+
+def test_a_chunked_map_closed_mid_chunk_yields_nothing_more(make_pool: Callable[..., ResilientPool]) -> None:
+    # The chunked map's iterator is not a generator (its per-item step is C code only); its
+    # close() must still end it as closing a generator does: mid-chunk, and for good.
+    pool = make_pool(2)
+    it = pool.map(workload.inc, range(N), chunksize=CHUNK, timeout=T)
+    assert list(itertools.islice(it, CHUNK + 10)) == list(range(1, CHUNK + 11))
+    it.close()
+    assert list(it) == []
+    it.close()  # again: no error
+    # After the end, as after an exception: nothing more either.
+    done = pool.map(workload.inc, range(5), chunksize=2, timeout=T)
+    assert list(done) == [1, 2, 3, 4, 5] and list(done) == []
+    failed = pool.map(workload.inverse, [1, 2, 0, 3], chunksize=2, timeout=T)
+    assert [next(failed), next(failed)] == [1.0, 0.5]
+    with pytest.raises(ZeroDivisionError):
+        next(failed)
+    assert list(failed) == []
