@@ -806,7 +806,7 @@ def _map_results(state: _MapState) -> Iterator[Any]:
 _CHUNK_END: Final = object()  # the bottom of a chunk being yielded: see _map_chunks
 
 
-def _map_chunks(state: _MapState) -> Iterator[Iterator[Any]]:
+def _map_chunks(state: _MapState) -> Generator[Iterator[Any], None, None]:
     """A chunked map's results, one iterator per chunk, in order, for :class:`_ChunkedMap`.
 
     Each chunk's list is reversed over a :data:`_CHUNK_END` and popped as its items are
