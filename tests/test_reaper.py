@@ -156,6 +156,48 @@ def test_kill_tree_against_resume_restops_a_root_that_sigcont_woke(tmp_path, mon
 
 
 @pytest.mark.timeout(60)
+def test_a_pools_reaper_starts_once_its_first_workers_are_up_and_watches_them(make_pool) -> None:
+    """A core starts its reaper after its first workers (its interpreter start would compete
+    with theirs: a fresh pool's first result 1.5x slower with fork on 2 cores), publishes its
+    pid to them in the slot table, and has it watch the workers started before it."""
+    from conftest import RESULT_TIMEOUT
+    from waits import wait_until
+
+    import workload
+
+    pool = make_pool(2)
+    assert pool.submit(workload.inc, 1).result(timeout=RESULT_TIMEOUT) == 2
+    core = pool._core
+    first = {w.pid for w in pool.workers()}
+    wait_until(lambda: core._reaper.started and len(pool.workers()) == 2, what="the reaper's start")
+    reaper_pid = core._reaper.pid
+    assert reaper_pid is not None and core._slots[core._reaper_cell] == reaper_pid
+    assert psutil.Process(reaper_pid).ppid() == os.getpid()
+    # EOF on its pipe (what this process's death looks like to it): it kills every watched tree,
+    # the first workers' included, though they were started before it.
+    core._reaper.close()
+    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in first), what="the first workers' deaths")
+
+
+@pytest.mark.timeout(60)
+def test_a_pools_reaper_starts_by_its_deadline_while_no_worker_is_up(make_pool, tmp_path) -> None:
+    """Workers stuck in their initializer do not hold the reaper back for long."""
+    from waits import wait_until
+
+    import workload
+
+    gate = tmp_path / "gate"
+    pool = make_pool(2, initializer=workload.wait_for_file, initargs=(str(gate), 60.0))
+    core = pool._core
+    try:
+        wait_until(lambda: core._reaper.started, what="the reaper's start")
+        assert not any(w.ready for w in pool.workers())
+        assert core._slots[core._reaper_cell] == core._reaper.pid
+    finally:
+        gate.touch()
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_reaps_its_adopted_orphans_after_each_task(make_pool) -> None:
     import boundary
 

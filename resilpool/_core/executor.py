@@ -113,6 +113,7 @@ log = logging.getLogger("resilpool")
 _READ_SIZE: Final = 1 << 16
 _STOP_GRACE_S: Final = 5.0  # after the last task, how long retiring workers get before SIGKILL
 _JOIN_S: Final = 2.0
+_REAPER_DEFER_S: Final = 0.2  # the reaper starts once the first workers are up, or this long after the core
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -269,12 +270,18 @@ class Core(CoreInbox):
         self._views: tuple[WorkerView, ...] = ()
         self._views_dirty = True
         n_slots = 2 * config.max_workers + 2
-        self._slot_table = P.SlotTable(n_slots * P.SLOT_FIELDS)
+        # The workers' slots, then one field: the reaper's pid once it runs (0 until then).
+        self._reaper_cell = n_slots * P.SLOT_FIELDS
+        self._slot_table = P.SlotTable(n_slots * P.SLOT_FIELDS + 1)
         self._slots = self._slot_table.view
         self._free_slots = list(range(n_slots - 1, -1, -1))
         # The parent never writes to the lifeline; workers see EOF when it dies.
         self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
-        self._reaper = Reaper(cgroup=config.cgroup)  # kills the workers' trees if this process dies (reaper.py)
+        # Kills the workers' trees if this process dies (reaper.py). Started by the manager
+        # thread once the first workers are up, or _REAPER_DEFER_S from now at the latest
+        # (see Reaper.start); a worker reads its pid from the slot table's last field.
+        self._reaper = Reaper(cgroup=config.cgroup, start=False)
+        self._reaper_due: float | None = time.monotonic() + _REAPER_DEFER_S
 
         # Manager-thread state.
         self._book: TaskBook[int] = TaskBook(
@@ -394,8 +401,21 @@ class Core(CoreInbox):
                     self._rebalance(now)
                 else:
                     self._rebalance_at = None
+            if self._reaper_due is not None and (now >= self._reaper_due or self._first_workers_up()):
+                self._start_reaper()
             if book.draining and self._maybe_finish():
                 return
+
+    def _first_workers_up(self) -> bool:
+        """Every worker of a full complement has said it is ready (the reaper may start)."""
+        workers = self._workers
+        return len(workers) >= self.max_workers and all(w.ready for w in workers.values())
+
+    def _start_reaper(self) -> None:
+        """Start the reaper (deferred: see Reaper.start) and publish its pid to the workers."""
+        self._reaper_due = None
+        self._reaper.start()
+        self._slots[self._reaper_cell] = self._reaper.pid or 0
 
     def _drain_wakeups(self) -> None:
         # One read: the pipe holds a byte per wake-up since the last drain; were there more
@@ -409,7 +429,7 @@ class Core(CoreInbox):
     def _next_timeout(self) -> float | None:
         """Seconds until the earliest deadline of the loop (None: none); runs every turn."""
         at = self._book.next_due()
-        for d in (self._check_at, self._rebalance_at, self._respawn_at, self._give_up_at):
+        for d in (self._check_at, self._rebalance_at, self._respawn_at, self._give_up_at, self._reaper_due):
             if d is not None and (at is None or d < at):
                 at = d
         if self._stopping_since is not None:
@@ -476,7 +496,7 @@ class Core(CoreInbox):
             )
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_module.main,
-            args=(task_r, result_w, self._lifeline_r, self._slot_table, slot, cfg.initializer, cfg.initargs, close_fds, cfg.soft_max_rss, self._reaper.pid),
+            args=(task_r, result_w, self._lifeline_r, self._slot_table, slot, cfg.initializer, cfg.initargs, close_fds, cfg.soft_max_rss, self._reaper_cell),
             name="resilpool-worker",
         )
         try:

@@ -14,6 +14,8 @@ Data flow::
 
     pool process (manager thread)                 reaper process (python -I -S reaper.py FD)
     -------------------------------------------------------------------------------------
+    Reaper.start()     -- spawns the process; a core calls it once its first workers are
+                          up, and the pids watched before then are sent now
     Reaper.watch(pid)  -- "pid\\n" on the pipe -->  records (pid, start time) of the worker
     pool process dies  -- EOF on the pipe ------->  for each live watched worker: stop its whole
                                                     tree (SIGSTOP, until no new process shows up),
@@ -281,10 +283,36 @@ class Reaper:
     the pool runs without them.
     """
 
-    def __init__(self, *, cgroup: bool = False) -> None:
+    def __init__(self, *, cgroup: bool = False, start: bool = True) -> None:
         self._fd: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._cgroups: Any = _open_cgroups() if cgroup else None
+        # With start=False, the pids watched before start() is called; None once started.
+        self._waiting: list[int] | None = []
+        if start:
+            self.start()
+
+    @property
+    def started(self) -> bool:
+        """start() has run (whether or not the reaper process could be started)."""
+        return self._waiting is None
+
+    def start(self) -> None:
+        """Start the reaper process (once), and have it watch the pids watched so far.
+
+        A pool core starts its workers first and its reaper once they are up: the reaper's
+        interpreter start (about 10 ms of CPU) would otherwise compete with theirs, which
+        on a 2-core machine made a fresh pool's first result 1.5x slower with fork. Until
+        then a worker whose parent dies kills its tree by itself (``worker._watch_parent``).
+        """
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            return
+        self._launch()
+        for pid in waiting:
+            self._send(pid)
+
+    def _launch(self) -> None:
         if not sys.platform.startswith("linux") or not os.path.isdir("/proc/self"):
             return
         import subprocess
@@ -318,9 +346,16 @@ class Reaper:
         return None if self._proc is None else self._proc.pid
 
     def watch(self, pid: int) -> None:
-        """Have the reaper kill ``pid``'s tree if this process dies (call right after the worker starts)."""
+        """Have the reaper kill ``pid``'s tree if this process dies (call right after the
+        worker starts; before :meth:`start`, it is watched from then)."""
         if self._cgroups is not None:
             self._cgroups.add(pid)
+        if self._waiting is not None:
+            self._waiting.append(pid)
+            return
+        self._send(pid)
+
+    def _send(self, pid: int) -> None:
         if self._fd is None:
             return
         try:
@@ -331,12 +366,16 @@ class Reaper:
 
     def gone(self, pid: int) -> None:
         """Worker ``pid`` has exited and was reaped: with cgroups, kill what escaped its
-        process group (a ``setsid`` daemon, re-parented to init) and remove its cgroup."""
+        process group (a ``setsid`` daemon, re-parented to init) and remove its cgroup.
+        Before :meth:`start`, it is no longer to be watched (its pid may be reused)."""
+        if self._waiting is not None and pid in self._waiting:
+            self._waiting.remove(pid)
         if self._cgroups is not None:
             self._cgroups.gone(pid)
 
     def close(self) -> None:
         """Tell the reaper we are done (EOF) and wait for it to exit."""
+        self._waiting = None  # never started: nothing to start now
         _live.discard(self)
         self._forget()
         if self._cgroups is not None:

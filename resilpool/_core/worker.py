@@ -199,7 +199,7 @@ _orphaned = threading.Event()  # set by the watchdog once the parent is gone
 _REAPER_GRACE_S = 5.0  # how long an orphaned worker waits for the reaper before killing its tree itself
 
 
-def _watch_parent(lifeline_fd: int, task_fd: int, slots: Any, base: int, reaper_pid: int | None) -> None:
+def _watch_parent(lifeline_fd: int, task_fd: int, slots: Any, base: int, reaper_cell: int | None) -> None:
     # The parent never writes to the lifeline; readable means EOF: the parent is gone.
     while True:
         try:
@@ -220,7 +220,9 @@ def _watch_parent(lifeline_fd: int, task_fd: int, slots: Any, base: int, reaper_
     # A reaper stops us before it kills our tree, so it wins any race with a task that is
     # forking right now; a watchdog running beside that task cannot. The pool's reaper is
     # on its way; if it is gone, we start one of our own for our tree.
-    if reaper_pid is None or not _wait_while_alive(reaper_pid, _REAPER_GRACE_S):
+    # Its pid is in the slot table once it runs (the core starts it after its first workers).
+    reaper_pid = slots[reaper_cell] if reaper_cell is not None else 0
+    if not reaper_pid or not _wait_while_alive(reaper_pid, _REAPER_GRACE_S):
         try:
             own = Reaper()
             if own.pid is not None:
@@ -304,14 +306,15 @@ def main(
     initargs: tuple[Any, ...],
     close_fds: tuple[int, ...] = (),
     soft_rss: int | None = None,
-    reaper_pid: int | None = None,
+    reaper_cell: int | None = None,
 ) -> None:
     """Entry point of a worker process.
 
     ``soft_rss`` (bytes): after a task, a worker whose own RSS is above it leaves by
     itself (slot stop flag ``STOP_SOFT_MEMORY``), so a fast leak is caught between two
-    tasks rather than at the parent's next sample. ``reaper_pid``: the pool's reaper
-    process, which the watchdog leaves the killing to when the parent dies.
+    tasks rather than at the parent's next sample. ``reaper_cell``: the field of the slot
+    table that holds the pid of the pool's reaper process once it runs (0 before), which
+    the watchdog leaves the killing to when the parent dies.
     """
     for fd in close_fds:  # fork start method: the parent's ends we must not hold
         try:
@@ -330,7 +333,7 @@ def main(
     slots[base + P.SLOT_PID] = os.getpid()
     threading.Thread(
         target=_watch_parent,
-        args=(lifeline_conn.fileno(), task_conn.fileno(), slots, base, reaper_pid),
+        args=(lifeline_conn.fileno(), task_conn.fileno(), slots, base, reaper_cell),
         name="resilpool-watchdog",
         daemon=True,
     ).start()
