@@ -517,7 +517,7 @@ class Core(CoreInbox):
             result_w.close()
         self._counters.started += 1
         replaces = self._vacated.popleft() if self._vacated else None
-        reader = P.FrameReader(P.FROM_WORKER, cfg.max_frame_bytes, self._check_header)
+        reader = P.FrameReader(P.FROM_WORKER, cfg.max_frame_bytes, ids=self._book)
         w = _Worker(process, slot, task_w, result_r, replaces, reader)
         os.set_blocking(w.task_fd, False)
         os.set_blocking(w.result_fd, False)
@@ -827,17 +827,6 @@ class Core(CoreInbox):
     def _settle_decoded(self) -> None:
         """Settle the tasks whose results the decoders unpickled since the last turn."""
         settle_decoded(self._book, self._decoder)
-
-    def _check_header(self, kind: int, task_id: int, elapsed: float) -> str | None:
-        """What is wrong with a result frame's header, checked before its body is read."""
-        if kind == P.Kind.SUCCEEDED or kind == P.Kind.FAILED:
-            if not 0 < task_id <= self._book.max_task_id:
-                return f"a result for task {task_id}, which was never submitted"
-            if not 0.0 <= elapsed < 1e9:  # NaN fails too
-                return f"a result whose elapsed time is {elapsed!r}"
-        elif task_id != 0:
-            return f"a frame of kind {kind} for task {task_id}"
-        return None
 
     def _protocol_error(self, w: _Worker, what: str) -> None:
         """The worker broke the protocol: kill it; its tasks fare as in any death."""

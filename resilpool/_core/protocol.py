@@ -261,23 +261,25 @@ class FrameReader:
 
     Every header is validated as soon as its bytes are in, *before* waiting for (or
     buffering) the body it announces: the kind must be one of ``kinds``, the body
-    length at most ``max_body`` bytes, and ``check(kind, task_id, elapsed)`` (if given)
-    must return None (else it returns what is wrong). A violation raises
-    :class:`ProtocolError`: junk on a pipe is found at once, never waited on.
+    length at most ``max_body`` bytes; with ``ids`` (an object whose ``max_task_id`` is
+    the highest task id submitted so far), a result's task id must be one of those and
+    its elapsed time in [0, 1e9) s, and any other frame's task id 0. A violation raises
+    :class:`ProtocolError`: junk on a pipe is found at once, never waited on. (Checked
+    inline, not by a callback: this runs once per task on the manager thread.)
     """
 
-    __slots__ = ("_buf", "_check", "_kinds", "_max_body")
+    __slots__ = ("_buf", "_ids", "_kinds", "_max_body")
 
     def __init__(
         self,
         kinds: frozenset[int] = frozenset(Kind),
         max_body: int = 1 << 62,
-        check: Any = None,
+        ids: Any = None,
     ) -> None:
         self._buf = bytearray()
         self._kinds = kinds
         self._max_body = max_body
-        self._check = check
+        self._ids = ids
 
     @property
     def pending_bytes(self) -> int:
@@ -302,15 +304,22 @@ class FrameReader:
         end = len(buf)
         size = HEADER.size
         unpack = HEADER.unpack_from
-        kinds, max_body, check = self._kinds, self._max_body, self._check
+        kinds, max_body, ids = self._kinds, self._max_body, self._ids
+        SUCCEEDED, FAILED = Kind.SUCCEEDED, Kind.FAILED
         while end - pos >= size:
             length, kind, tid, elapsed = unpack(buf, pos)
             if kind not in kinds:
                 raise ProtocolError(f"unexpected frame kind {kind} at offset {pos}")
             if length > max_body:
                 raise ProtocolError(f"a frame of kind {kind} announces {length} bytes, over the maximum {max_body}")
-            if check is not None and (problem := check(kind, tid, elapsed)) is not None:
-                raise ProtocolError(problem)
+            if ids is not None:
+                if kind == SUCCEEDED or kind == FAILED:
+                    if not 0 < tid <= ids.max_task_id:
+                        raise ProtocolError(f"a result for task {tid}, which was never submitted")
+                    if not 0.0 <= elapsed < 1e9:  # NaN fails too
+                        raise ProtocolError(f"a result whose elapsed time is {elapsed!r}")
+                elif tid != 0:
+                    raise ProtocolError(f"a frame of kind {kind} for task {tid}")
             stop = pos + size + length
             if stop > end:
                 break
