@@ -69,7 +69,7 @@ def test_map_at_chunksize_1000_raises_at_the_failing_chunks_first_item(make_pool
 
 
 def test_map_at_chunksize_1000_reads_a_bounded_window_ahead(make_pool: Callable[..., ResilientPool]) -> None:
-    # Eight chunks per worker in flight at most (docs/core.md, "Lazy map"): an endless input works.
+    # 32 chunks per worker in flight at most (docs/core.md, "Lazy map"): an endless input works.
     pool = make_pool(2)
     read = itertools.count()
 
@@ -80,7 +80,27 @@ def test_map_at_chunksize_1000_reads_a_bounded_window_ahead(make_pool: Callable[
 
     it = pool.map(workload.inc, endless(), chunksize=CHUNK, timeout=T)
     assert list(itertools.islice(it, 3 * CHUNK)) == list(range(1, 3 * CHUNK + 1))
-    assert next(read) <= 8 * 2 * CHUNK
+    assert next(read) <= 32 * 2 * CHUNK
+    it.close()
+
+
+def test_a_map_of_large_items_reads_ahead_a_bounded_number_of_bytes(make_pool: Callable[..., ResilientPool]) -> None:
+    # 16 MiB of pickled inputs per worker in flight at most (docs/core.md, "Lazy map"): 32
+    # chunks of two 1 MiB items each would be 128 MiB.
+    pool = make_pool(2)
+    read = itertools.count()
+    item = b"x" * (1 << 20)
+
+    def endless() -> Iterator[bytearray]:
+        while True:
+            next(read)
+            yield bytearray(item)  # a new object each (pickle would store one object once)
+
+    it = pool.map(len, endless(), chunksize=2, timeout=T)
+    assert list(itertools.islice(it, 6)) == [1 << 20] * 6
+    # 16 chunks fill the cap, each of the 3 consumed makes room for one more, and the
+    # chunk that crosses the cap is read whole.
+    assert next(read) <= 2 * (16 + 3 + 1)
     it.close()
 
 
