@@ -84,12 +84,17 @@ def test_map_at_chunksize_1000_reads_a_bounded_window_ahead(make_pool: Callable[
     it.close()
 
 
-def test_a_map_of_large_items_reads_ahead_a_bounded_number_of_bytes(make_pool: Callable[..., ResilientPool]) -> None:
-    # 16 MiB of pickled inputs per worker in flight at most (docs/core.md, "Lazy map"): 32
-    # chunks of two 1 MiB items each would be 128 MiB.
+def test_a_map_of_large_items_reads_ahead_a_bounded_number_of_bytes(make_pool: Callable[..., ResilientPool], monkeypatch: pytest.MonkeyPatch) -> None:
+    # At most _MAP_WINDOW_BYTES_PER_WORKER of pickled inputs per worker in flight (docs/core.md,
+    # "Lazy map"). Scaled down 16x (1 MiB per worker, 64 KiB items) so that this test does not
+    # grow the test process, whose size every later forked worker inherits: 32 chunks of two
+    # items each would be 128 items ahead.
+    import resilpool._pool as pool_module
+
+    monkeypatch.setattr(pool_module, "_MAP_WINDOW_BYTES_PER_WORKER", 1 << 20)
     pool = make_pool(2)
     read = itertools.count()
-    item = b"x" * (1 << 20)
+    item = b"x" * (1 << 16)
 
     def endless() -> Iterator[bytearray]:
         while True:
@@ -97,7 +102,7 @@ def test_a_map_of_large_items_reads_ahead_a_bounded_number_of_bytes(make_pool: C
             yield bytearray(item)  # a new object each (pickle would store one object once)
 
     it = pool.map(len, endless(), chunksize=2, timeout=T)
-    assert list(itertools.islice(it, 6)) == [1 << 20] * 6
+    assert list(itertools.islice(it, 6)) == [1 << 16] * 6
     # 16 chunks fill the cap, each of the 3 consumed makes room for one more, and the
     # chunk that crosses the cap is read whole.
     assert next(read) <= 2 * (16 + 3 + 1)

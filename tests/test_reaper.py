@@ -169,7 +169,7 @@ def test_a_pools_reaper_starts_once_its_first_workers_are_up_and_watches_them(ma
     assert pool.submit(workload.inc, 1).result(timeout=RESULT_TIMEOUT) == 2
     core = pool._core
     first = {w.pid for w in pool.workers()}
-    wait_until(lambda: core._reaper.started and len(pool.workers()) == 2, what="the reaper's start")
+    wait_until(lambda: core._slots[core._reaper_cell] != 0 and len(pool.workers()) == 2, what="the reaper's pid in the slot table")
     reaper_pid = core._reaper.pid
     assert reaper_pid is not None and core._slots[core._reaper_cell] == reaper_pid
     assert psutil.Process(reaper_pid).ppid() == os.getpid()
@@ -190,9 +190,9 @@ def test_a_pools_reaper_starts_by_its_deadline_while_no_worker_is_up(make_pool, 
     pool = make_pool(2, initializer=workload.wait_for_file, initargs=(str(gate), 60.0))
     core = pool._core
     try:
-        wait_until(lambda: core._reaper.started, what="the reaper's start")
+        wait_until(lambda: core._slots[core._reaper_cell] != 0, what="the reaper's pid in the slot table")
         assert not any(w.ready for w in pool.workers())
-        assert core._slots[core._reaper_cell] == core._reaper.pid
+        assert core._reaper.started and core._slots[core._reaper_cell] == core._reaper.pid
     finally:
         gate.touch()
 

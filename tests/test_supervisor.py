@@ -222,10 +222,14 @@ def test_max_rss_kills_a_memory_hog_with_memory_limit_error(make_pool: MakePool)
 
 
 def test_subprocess_memory_counts_and_the_kill_takes_the_subprocess(make_pool: MakePool, start_method: str, tmp_path: Path) -> None:
-    limit = 200 * MiB
+    # A forked worker's RSS starts at about this process's (the pages it shares), and an
+    # xdist process that ran many tests is large (CI on 3.12: a fork worker at 107 MiB):
+    # the limit leaves the worker that much room above its start.
+    inherited = psutil.Process().memory_info().rss if start_method == "fork" else 0
+    limit = 200 * MiB + 2 * inherited
     pool = make_pool(1, mp_context=start_method, limits=Limits(max_rss=limit))
     child_pidfile, worker_rss = tmp_path / "child.pid", tmp_path / "worker.rss"
-    fut = pool.submit(workload.subprocess_hog_reporting, 400, str(child_pidfile), str(worker_rss))
+    fut = pool.submit(workload.subprocess_hog_reporting, 2 * limit // MiB, str(child_pidfile), str(worker_rss))
     err = error(fut)
     assert type(err) is MemoryLimitError
     assert err.limit == limit and err.rss is not None and err.rss > limit

@@ -305,10 +305,11 @@ class Reaper:
         on a 2-core machine made a fresh pool's first result 1.5x slower with fork. Until
         then a worker whose parent dies kills its tree by itself (``worker._watch_parent``).
         """
-        waiting, self._waiting = self._waiting, None
+        waiting = self._waiting
         if waiting is None:
             return
         self._launch()
+        self._waiting = None  # started (and pid set), for any thread that looks
         for pid in waiting:
             self._send(pid)
 
