@@ -113,7 +113,7 @@ log = logging.getLogger("resilpool")
 _READ_SIZE: Final = 1 << 16
 _STOP_GRACE_S: Final = 5.0  # after the last task, how long retiring workers get before SIGKILL
 _JOIN_S: Final = 2.0
-_REAPER_DEFER_S: Final = 0.2  # the reaper starts once the first workers are up, or this long after the core
+_REAPER_DEFER_S: Final = 0.2  # the reaper starts once the first workers are up and idle, or this long after the core
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,7 +278,7 @@ class Core(CoreInbox):
         # The parent never writes to the lifeline; workers see EOF when it dies.
         self._lifeline_r, self._lifeline_w = self._ctx.Pipe(duplex=False)
         # Kills the workers' trees if this process dies (reaper.py). Started by the manager
-        # thread once the first workers are up, or _REAPER_DEFER_S from now at the latest
+        # thread once the first workers are up and idle, or _REAPER_DEFER_S from now at the latest
         # (see Reaper.start); a worker reads its pid from the slot table's last field.
         self._reaper = Reaper(cgroup=config.cgroup, start=False)
         self._reaper_due: float | None = time.monotonic() + _REAPER_DEFER_S
@@ -401,15 +401,17 @@ class Core(CoreInbox):
                     self._rebalance(now)
                 else:
                     self._rebalance_at = None
-            if self._reaper_due is not None and (now >= self._reaper_due or self._first_workers_up()):
+            if self._reaper_due is not None and (now >= self._reaper_due or self._first_workers_idle()):
                 self._start_reaper()
             if book.draining and self._maybe_finish():
                 return
 
-    def _first_workers_up(self) -> bool:
-        """Every worker of a full complement has said it is ready (the reaper may start)."""
+    def _first_workers_idle(self) -> bool:
+        """Every worker of a full complement is ready, and none has work (the reaper may
+        start: its boot competes with neither a worker's start nor a first task)."""
         workers = self._workers
-        return len(workers) >= self.max_workers and all(w.ready for w in workers.values())
+        book = self._book
+        return book.held_count == 0 and not book.has_queued() and len(workers) >= self.max_workers and all(w.ready for w in workers.values())
 
     def _start_reaper(self) -> None:
         """Start the reaper (deferred: see Reaper.start) and publish its pid to the workers."""

@@ -15,7 +15,7 @@ Data flow::
     pool process (manager thread)                 reaper process (python -I -S reaper.py FD)
     -------------------------------------------------------------------------------------
     Reaper.start()     -- spawns the process; a core calls it once its first workers are
-                          up, and the pids watched before then are sent now
+                          up and idle, and the pids watched before then are sent now
     Reaper.watch(pid)  -- "pid\\n" on the pipe -->  records (pid, start time) of the worker
     pool process dies  -- EOF on the pipe ------->  for each live watched worker: stop its whole
                                                     tree (SIGSTOP, until no new process shows up),
@@ -300,9 +300,10 @@ class Reaper:
     def start(self) -> None:
         """Start the reaper process (once), and have it watch the pids watched so far.
 
-        A pool core starts its workers first and its reaper once they are up: the reaper's
-        interpreter start (about 10 ms of CPU) would otherwise compete with theirs, which
-        on a 2-core machine made a fresh pool's first result 1.5x slower with fork. Until
+        A pool core starts its workers first and its reaper once they are up and idle: the
+        reaper's interpreter start (about 10 ms of CPU) would otherwise compete with their
+        start and the first task, which on a 2-core machine made a fresh pool's first
+        result 1.5x slower with fork. Until
         then a worker whose parent dies kills its tree by itself (``worker._watch_parent``).
         """
         waiting = self._waiting
