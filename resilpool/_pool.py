@@ -57,6 +57,10 @@ R = TypeVar("R")
 TaskWrapper = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]]
 
 _LIVE_POOLS: weakref.WeakSet[ResilientPool] = weakref.WeakSet()
+# A future's tag (for abort()) is one int: its pool's serial << _TAG_BITS | its task id.
+# An int, not a (pool, id) tuple: no allocation the garbage collector tracks, per task.
+_TAG_BITS: Final = 48
+_POOL_SERIALS = itertools.count(1)
 # A lazy map's read-ahead, per worker: items (twice the deepest pipelining of tiny tasks,
 # MAX_DEPTH = 256, so a worker's queue stays full while the consumer catches up), and at
 # least this many chunks, so that each worker has chunks queued behind the running one and
@@ -289,7 +293,7 @@ class ResilientPool(Executor):
         self._retry = RetryPolicy.coerce(retry)
         self._breaker = breaker
         self._ids = itertools.count(1)
-        self._token = object()  # tags this pool's futures (abort() ignores other pools')
+        self._tag_base = next(_POOL_SERIALS) << _TAG_BITS  # tags this pool's futures (abort() ignores other pools')
         self._rejected = 0
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
@@ -392,7 +396,7 @@ class ResilientPool(Executor):
             RuntimeError: after :meth:`shutdown` or once the interpreter is exiting.
             CrashLoopError: the crash-loop breaker has broken the pool.
         """
-        retry: RetrySpec = kwargs.pop("retry", None)
+        retry: RetrySpec = kwargs.pop("retry", None) if kwargs else None
         policy = self._retry if retry is None else RetryPolicy.coerce(retry)
         return self._submit(fn, args, kwargs, policy, None)
 
@@ -403,7 +407,7 @@ class ResilientPool(Executor):
             raise TypeError(f"{fn!r} is not callable")
         task_id = next(self._ids)
         fut: Future[Any] = Future()
-        fut._resilpool_task = (self._token, task_id)  # type: ignore[attr-defined]  # for abort(): no cycle, no lookup table
+        fut._resilpool_task = self._tag_base | task_id  # type: ignore[attr-defined]  # for abort(): no cycle, no lookup table
         target = args[0] if fn is call_chunk else fn
         sent_fn, sent_args, sent_kwargs = fn, args, kwargs
         if self._task_wrapper is not None:
@@ -567,8 +571,8 @@ class ResilientPool(Executor):
         ids = []
         for f in futures:
             tag = getattr(f, "_resilpool_task", None)
-            if tag is not None and tag[0] is self._token and not f.done():
-                ids.append(tag[1])
+            if type(tag) is int and tag >> _TAG_BITS == self._tag_base >> _TAG_BITS and not f.done():
+                ids.append(tag & ((1 << _TAG_BITS) - 1))
         if ids:
             self._core.abort(ids, reason)
 

@@ -494,6 +494,24 @@ def test_abort_takes_queued_tasks_back_from_a_busy_worker_and_runs_the_rest_once
     assert pool.stats().worker_crashes == 0
 
 
+def test_abort_leaves_other_pools_futures_alone(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
+    # Task ids restart at 1 in every pool: a future is this pool's by its tag, not by its id.
+    mine, theirs = make_pool(1), make_pool(1)
+    release = tmp_path / "release"
+    started = tmp_path / "started"
+    busy = theirs.submit(workload.touch_and_wait, str(started), str(release))  # task 1 of "theirs"
+    wait_until(started.exists, T, "the other pool's task to start")
+    queued = theirs.submit(workload.inc, 41)  # task 2 of "theirs", waiting behind it
+    mine_busy = mine.submit(workload.touch_and_wait, str(tmp_path / "mine"), str(release))  # task 1 of "mine"
+    wait_until((tmp_path / "mine").exists, T, "this pool's task to start")
+    mine_queued = mine.submit(workload.inc, 1)  # task 2 of "mine"
+    mine.abort([busy, queued, cf.Future()], reason="not mine")
+    release.touch()
+    assert busy.result(timeout=T) > 0 and queued.result(timeout=T) == 42
+    assert mine_busy.result(timeout=T) > 0 and mine_queued.result(timeout=T) == 2
+    assert mine.stats().worker_crashes == theirs.stats().worker_crashes == 0
+
+
 def test_shutdown_kill_running_returns_and_resolves_every_future(tmp_path: Path, make_pool) -> None:  # type: ignore[no-untyped-def]
     pool = make_pool(1)
     runs = tmp_path / "runs"
