@@ -303,8 +303,8 @@ class Reaper:
         A pool core starts its workers first and its reaper once they are up and idle: the
         reaper's interpreter start (about 10 ms of CPU) would otherwise compete with their
         start and the first task, which on a 2-core machine made a fresh pool's first
-        result 1.5x slower with fork. Until
-        then a worker whose parent dies kills its tree by itself (``worker._watch_parent``).
+        result 1.5x slower with fork. Until then a worker whose parent dies kills its tree
+        by itself (``worker._watch_parent``).
         """
         waiting = self._waiting
         if waiting is None:

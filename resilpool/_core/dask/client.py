@@ -879,7 +879,7 @@ class DaskCore(CoreInbox):
             return
         cancelled: set[str] = set()
         if cancel_unstarted:
-            cancelled = set(await self._rpc("resilpool_cancel", keys=keys, owner=self._owner))
+            cancelled = await self._cancel_unstarted(keys)
         for key in keys:
             att = self._inflight.get(key)
             if att is None or self._failing:
@@ -901,9 +901,13 @@ class DaskCore(CoreInbox):
         if answer == "finished" and key is not None:
             self._doomed.pop(key, None)  # it ended before the kill: nothing was killed for it
 
-    async def _rpc(self, op: str, **kwargs: Any) -> Any:
-        timeout = RPC_TIMEOUT_S + (CANCEL_BUDGET_S if op == "resilpool_cancel" else 0.0)
+    async def _rpc(self, op: str, *, timeout: float = RPC_TIMEOUT_S, **kwargs: Any) -> Any:
         return await asyncio.wait_for(getattr(self._client.scheduler, op)(**kwargs), timeout)
+
+    async def _cancel_unstarted(self, keys: list[str]) -> set[str]:
+        """The ledger cancels those of ``keys`` that have not started; returns them. It
+        answers within CANCEL_BUDGET_S: wait that long, and a request's time besides."""
+        return set(await self._rpc("resilpool_cancel", timeout=CANCEL_BUDGET_S + RPC_TIMEOUT_S, keys=keys, owner=self._owner))
 
     def _publish_views(self) -> None:
         self._views = tuple(
@@ -925,7 +929,7 @@ class DaskCore(CoreInbox):
         cancelled: set[str] = set()
         if keys:
             try:
-                cancelled = set(await self._rpc("resilpool_cancel", keys=keys, owner=self._owner))
+                cancelled = await self._cancel_unstarted(keys)
             except Exception:
                 log.error("resilpool: could not ask the ledger which attempts started", exc_info=True)
         interrupted: list[Task] = []
